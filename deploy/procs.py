@@ -1,0 +1,97 @@
+"""Process and port helpers shared by the local Kafka and ClickHouse services.
+
+Every wait here is bounded: callers pass a timeout and get a `TimeoutError` that says
+what was being waited for, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def resolve_port(port: int, host: str = "127.0.0.1") -> int:
+    """`port` itself, or a free ephemeral port when it is 0."""
+    return port or free_port(host)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when `pid` runs and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def terminate(pid: int, timeout: float = 30.0) -> bool:
+    """SIGTERM the process group led by `pid`, SIGKILL it after `timeout`.
+
+    Returns True when it ended on SIGTERM. Services are started in their own session, so
+    the group holds the service and anything it forked.
+    """
+    if not pid_alive(pid):
+        return True
+    _signal_group(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not pid_alive(pid), timeout, f"pid {pid} to exit")
+        return True
+    except TimeoutError:
+        _signal_group(pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pid), 10.0, f"pid {pid} to die on SIGKILL")
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"

@@ -1,0 +1,61 @@
+"""Typed configuration: environment variables for *where things run*.
+
+Every process reads its settings here, once, into a frozen `Settings`; nothing else in
+the code base reads `os.environ`. Per-advertiser and per-offer business configuration
+(landing URLs, secrets, tokens) lives in the TOML file named by `POSTBACK_CONFIG`
+and is loaded by `postback.partners` (added with the ingest stage).
+
+Environment variables (all optional):
+
+- `KAFKA_BOOTSTRAP_SERVERS`: use this Kafka cluster instead of the local stack's broker.
+- `CLICKHOUSE_URL`: use this ClickHouse (`http://user:pass@host:8123/db` or
+  `chdb:///path` for the in-process engine) instead of the local stack's server.
+- `POSTBACK_STATE_DIR`: where the local stack keeps data, logs and pid files
+  (default `./.postback`).
+- `POSTBACK_CACHE_DIR`: per-user cache for downloaded Kafka jars
+  (default `$XDG_CACHE_HOME/postback-pipeline` or `~/.cache/postback-pipeline`).
+- `POSTBACK_CONFIG`: path of the partner TOML file.
+- `POSTBACK_TOPIC_PREFIX`: prefix of every topic name (default `postback`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The Apache Kafka release the local stack runs. One place; deploy/kafka/pom.xml
+#: receives it as -Dkafka.version.
+KAFKA_VERSION = "4.1.1"
+
+
+def _default_cache_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "postback-pipeline"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Kafka, ClickHouse and local state are. Build with `Settings.from_env()`."""
+
+    kafka_bootstrap_servers: str | None
+    clickhouse_url: str | None
+    state_dir: Path
+    cache_dir: Path
+    config_file: Path | None
+    topic_prefix: str
+    kafka_version: str = KAFKA_VERSION
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        config_file = env.get("POSTBACK_CONFIG")
+        return cls(
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            clickhouse_url=env.get("CLICKHOUSE_URL") or None,
+            state_dir=Path(env.get("POSTBACK_STATE_DIR") or ".postback").absolute(),
+            cache_dir=Path(env.get("POSTBACK_CACHE_DIR") or _default_cache_dir(env)).absolute(),
+            config_file=Path(config_file).absolute() if config_file else None,
+            topic_prefix=env.get("POSTBACK_TOPIC_PREFIX") or "postback",
+        )
