@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.procs import resolve_port, tail, terminate, wait_until
+from deploy.procs import die_with_parent, resolve_port, tail, terminate, wait_until
 
 
 class ClickHouseStartError(RuntimeError):
@@ -31,6 +31,8 @@ class ClickHouseOptions:
     host: str = "127.0.0.1"
     http_port: int = 18123
     tcp_port: int = 19000
+    #: Tests set this so the server dies with the process that started it.
+    die_with_parent: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class LocalClickHouse:
         try:
             self._popen = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent),
+                start_new_session=True,
+                preexec_fn=die_with_parent if self.opts.die_with_parent else None,
+                cwd=str(Path(__file__).resolve().parent.parent),
             )
         finally:
             log.close()

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.procs import pid_alive, port_open, resolve_port, tail, terminate, wait_until
+from deploy.procs import die_with_parent, pid_alive, port_open, resolve_port, tail, terminate, wait_until
 
 LOG4J_CONFIG = Path(__file__).with_name("kafka") / "log4j2.xml"
 
@@ -34,6 +34,8 @@ class KafkaOptions:
     #: Local, single-node defaults that keep first use fast (fewer internal partitions).
     offsets_partitions: int = 6
     transaction_partitions: int = 3
+    #: Tests set this so the broker dies with the process that started it.
+    die_with_parent: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class LocalKafka:
             self._popen = subprocess.Popen(
                 self._java("kafka.Kafka", str(props), heap_mb=self.opts.heap_mb),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent if self.opts.die_with_parent else None,
             )
         finally:
             log.close()

@@ -89,6 +89,17 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
             pass
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for children that must not outlive their parent (test services).
+
+    Linux's PR_SET_PDEATHSIG delivers SIGTERM to the child when the parent dies, even
+    by SIGKILL, so a crashed test session leaks no broker or server.
+    """
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 def tail(path: Path, lines: int = 30) -> str:
     """The last lines of a log file, for error messages."""
     try:

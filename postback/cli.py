@@ -39,6 +39,11 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
         ClickHouseOptions(http_port=args.clickhouse_http_port, tcp_port=args.clickhouse_tcp_port),
     )
     say = (lambda _m: None) if args.json else (lambda m: print(m, flush=True))
+    if args.action == "fetch":
+        from deploy.kafka_jars import ensure_jars
+
+        print(ensure_jars(settings.cache_dir, settings.kafka_version, say))
+        return 0
     statuses = {"up": stack.up, "down": stack.down}.get(args.action, lambda progress: stack.status())(progress=say)
     if args.json:
         print(status_json(statuses))
@@ -62,8 +67,9 @@ def _add_stack(sub: argparse._SubParsersAction) -> None:
             "never started or stopped here, only checked."
         ),
     )
-    p.add_argument("action", choices=["up", "down", "status"],
-                   help="up: start what is not running (idempotent); down: stop; status: what runs where")
+    p.add_argument("action", choices=["up", "down", "status", "fetch"],
+                   help="up: start what is not running (idempotent); down: stop; status: what runs where; "
+                        "fetch: only download the Kafka jars (once, into the per-user cache)")
     p.add_argument("--state-dir", help="state directory (default $POSTBACK_STATE_DIR or ./.postback)")
     p.add_argument("--kafka-port", type=int, default=19092, help="Kafka client port, 0 = ephemeral (default 19092)")
     p.add_argument("--kafka-controller-port", type=int, default=19093, help="KRaft controller port (default 19093)")

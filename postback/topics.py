@@ -1,0 +1,116 @@
+"""Kafka topics: names, message keys, partition counts and schemas, in one place.
+
+Every producer, consumer and the local stack take topic names from ``Topics`` so a
+prefix (``POSTBACK_TOPIC_PREFIX``) can isolate environments on a shared cluster.
+Keys decide ordering and co-partitioning: clicks and raw postbacks are both keyed by
+``click_id`` (6 partitions each) so the attribution join finds a click and its
+postbacks in the same partition number. Values are Avro single-object encoded with
+the named schema (see ``schemas.codec``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+_DAY_MS = 24 * 60 * 60 * 1000
+_LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_MAX_NAME_LEN = 249  # Kafka's limit
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic. ``key`` describes what the message key holds; ``schema`` names the value's Avro schema.
+
+    ``compacted`` topics keep the latest value per key; ``retention_ms`` None means the
+    broker default.
+    """
+
+    name: str
+    key: str
+    partitions: int
+    schema: str
+    compacted: bool
+    retention_ms: int | None
+
+    def config(self) -> dict[str, str]:
+        """Topic-level configuration for ``NewTopic``."""
+        config = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        if self.retention_ms is not None:
+            config["retention.ms"] = str(self.retention_ms)
+        return config
+
+
+# attribute: (suffix, key, partitions, schema, compacted, retention_ms)
+_LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
+    # Outlives a 30-day attribution window, with slack to rebuild the click store.
+    ("clicks", ("clicks", "click_id", 6, "Click", False, 35 * _DAY_MS)),
+    # The replayable source of truth for everything downstream.
+    ("raw_postbacks", ("raw-postbacks", "click_id, or receipt_id when absent", 6, "RawPostback", False, 14 * _DAY_MS)),
+    # Latest version per conversion_id wins, as in the ReplacingMergeTree sink.
+    ("conversions", ("conversions", "conversion_id", 6, "Conversion", True, None)),
+    ("rejections", ("rejections", "receipt_id", 3, "Rejection", False, 30 * _DAY_MS)),
+    ("duplicates", ("duplicates", "receipt_id", 3, "Duplicate", False, 30 * _DAY_MS)),
+    # Consumed by retention systems; keyed by customer so a customer's events stay ordered.
+    ("lifecycle", ("lifecycle", "customer_id, or conversion_id when absent", 6, "Conversion", False, None)),
+)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """All our topics, named ``f"{prefix}.{suffix}"``, e.g. ``Topics().raw_postbacks.name == "postback.raw-postbacks"``."""
+
+    prefix: str = "postback"
+    clicks: TopicSpec = field(init=False)
+    raw_postbacks: TopicSpec = field(init=False)
+    conversions: TopicSpec = field(init=False)
+    rejections: TopicSpec = field(init=False)
+    duplicates: TopicSpec = field(init=False)
+    lifecycle: TopicSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        for attr, (suffix, key, partitions, schema, compacted, retention_ms) in _LAYOUT:
+            name = f"{self.prefix}.{suffix}"
+            if not self.prefix or not _LEGAL_NAME.fullmatch(name) or len(name) > _MAX_NAME_LEN:
+                raise ValueError(f"illegal Kafka topic prefix {self.prefix!r}")
+            object.__setattr__(self, attr, TopicSpec(name, key, partitions, schema, compacted, retention_ms))
+
+    def all(self) -> list[TopicSpec]:
+        """Every topic, in pipeline order."""
+        return [getattr(self, attr) for attr, _ in _LAYOUT]
+
+
+def ensure_topics(
+    admin_client: AdminClient,
+    topics: Topics | Iterable[TopicSpec],
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    Idempotent: a topic that already exists is left as it is (its partitions and
+    config are not checked or changed). Any other failure raises ``KafkaException``.
+    """
+    specs = topics.all() if isinstance(topics, Topics) else list(topics)
+    if not specs:
+        return []
+    new_topics = [
+        NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor, config=s.config())
+        for s in specs
+    ]
+    futures = admin_client.create_topics(new_topics, operation_timeout=timeout, request_timeout=timeout)
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not (isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise
+        else:
+            created.append(name)
+    return created
