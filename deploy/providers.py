@@ -12,6 +12,7 @@ started and nothing else.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,42 @@ class KafkaService:
         futures = self.admin().create_topics([NewTopic(name, partitions, 1, config=config or {})])
         futures[name].result(timeout=timeout)
         return name
+
+    def count(self, topic: str, timeout: float = 10.0) -> int:
+        """Records in `topic`: the sum of its partitions' high watermarks (no transactions here)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap_servers, "group.id": unique_name("count")})
+        try:
+            parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+            return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts)
+        finally:
+            consumer.close()
+
+    def read(self, topic: str, timeout: float = 30.0) -> list[Any]:
+        """Every record currently in `topic` (all partitions, up to the high watermarks)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap_servers, "group.id": unique_name("read"),
+                             "enable.auto.commit": False})
+        try:
+            parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+            ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
+            consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+            want = sum(ends.values())
+            out: list[Any] = []
+            deadline = time.monotonic() + timeout
+            while len(out) < want:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"read {len(out)} of {want} records from {topic} in {timeout}s")
+                for msg in consumer.consume(1000, timeout=0.5):
+                    if msg.error():
+                        raise RuntimeError(str(msg.error()))
+                    if msg.offset() < ends[msg.partition()]:
+                        out.append(msg)
+            return out
+        finally:
+            consumer.close()
 
 
 @dataclass

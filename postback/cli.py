@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_stack(sub)
+    from ingest import cli as ingest_cli
     from postback import demo
 
+    ingest_cli.register(sub)
     demo.register(sub)
     return parser
 

@@ -59,3 +59,24 @@ class Settings:
             config_file=Path(config_file).absolute() if config_file else None,
             topic_prefix=env.get("POSTBACK_TOPIC_PREFIX") or "postback",
         )
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Tuning of one ingester process; `postback ingest` flags map onto these."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    #: Bodies above this get 413 (POST /postback); bulk imports get `bulk_max_body_bytes`.
+    max_body_bytes: int = 64 * 1024
+    bulk_max_body_bytes: int = 16 * 1024 * 1024
+    #: A record Kafka has not acknowledged by then is answered 503 with Retry-After.
+    delivery_timeout_s: float = 5.0
+    #: A client that has not sent its whole body by then gets 408 (slow-client guard).
+    body_read_timeout_s: float = 10.0
+    retry_after_s: int = 2
+    #: Create the project's topics at start (off for clusters where the ingester lacks ACLs).
+    create_topics: bool = True
+    #: Graceful-shutdown budget: in-flight requests and the producer flush share it.
+    shutdown_timeout_s: float = 15.0

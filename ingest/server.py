@@ -1,0 +1,110 @@
+"""Run the ingester: one asyncio loop per process, N processes sharing a port via SO_REUSEPORT.
+
+Why processes: one Python event loop uses one core; the kernel balances connections over
+the workers' sockets. Each worker owns its own producer, metrics and shutdown.
+
+Shutdown (SIGTERM or SIGINT): stop accepting, let in-flight requests finish (they get
+their real answer: 202 only if Kafka acknowledged), flush the producer, exit 0. The
+parent forwards the signal to every worker and exits 0 when they all did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from aiohttp import web
+
+from ingest.app import Ingester, build_app
+from postback.config import IngestOptions, Settings
+from postback.kafka import AsyncProducer, producer_config
+from postback.partners import PartnerConfig, load_partner_config
+from postback.topics import Topics, ensure_topics
+
+log = logging.getLogger("ingest")
+
+
+def load_partners(settings: Settings) -> PartnerConfig:
+    return load_partner_config(settings.config_file) if settings.config_file else PartnerConfig.empty()
+
+
+def prepare_topics(bootstrap: str, topics: Topics) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    created = ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), topics)
+    if created:
+        log.info("created topics: %s", ", ".join(created))
+
+
+async def _serve(opts: IngestOptions, bootstrap: str, topics: Topics, partners: PartnerConfig,
+                 reuse_port: bool, announce: bool) -> None:
+    ingester = Ingester(opts, topics, partners, lambda loop: AsyncProducer(
+        producer_config(bootstrap, opts.delivery_timeout_s, **{"client.id": "postback-ingest"}), loop))
+    runner = web.AppRunner(build_app(ingester), shutdown_timeout=opts.shutdown_timeout_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port, reuse_port=reuse_port or None,
+                       shutdown_timeout=opts.shutdown_timeout_s, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = runner.addresses[0][1] if runner.addresses else opts.port
+    if announce:
+        print(f"ingest listening on http://{opts.host}:{port} (kafka {bootstrap})", flush=True)
+    await stop.wait()
+    log.info("shutting down: no new connections, finishing in-flight requests, flushing Kafka")
+    await runner.cleanup()
+
+
+def run_worker(opts: IngestOptions, bootstrap: str, topics: Topics, partners: PartnerConfig,
+               reuse_port: bool, announce: bool) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve(opts, bootstrap, topics, partners, reuse_port, announce))
+
+
+def serve(opts: IngestOptions, settings: Settings, bootstrap: str) -> int:
+    """Run `opts.workers` ingester processes until SIGTERM; returns the exit code."""
+    topics = Topics(settings.topic_prefix)
+    partners = load_partners(settings)
+    if opts.create_topics:
+        prepare_topics(bootstrap, topics)
+    if opts.workers <= 1:
+        run_worker(opts, bootstrap, topics, partners, reuse_port=False, announce=True)
+        return 0
+    if opts.port == 0:
+        from deploy.procs import free_port
+
+        opts = replace(opts, port=free_port(opts.host))
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=run_worker, args=(opts, bootstrap, topics, partners, True, False),
+                           name=f"ingest-{i}") for i in range(opts.workers)]
+    for w in workers:
+        w.start()
+    print(f"ingest listening on http://{opts.host}:{opts.port} with {opts.workers} workers "
+          f"(kafka {bootstrap})", flush=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        for w in workers:
+            if w.pid and w.is_alive():
+                os.kill(w.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for w in workers:
+        w.join()
+    codes = [w.exitcode for w in workers]
+    bad = [c for c in codes if c not in (0, None)]
+    if bad:
+        print(f"ingest: workers exited with {codes}", file=sys.stderr)
+    return 1 if bad else 0

@@ -1,0 +1,705 @@
+"""Partner configuration: advertisers and offers, loaded from ONE TOML file.
+
+Why a single typed, frozen, validated object: this file holds the secrets that decide
+whether a postback is trusted and the URLs clicks are redirected to. A typo in it must
+stop the process at start-up with a message naming the file, the table and the
+problem, never surface hours later as silently rejected (or silently accepted)
+conversions. So:
+
+- every table accepts only the keys documented below; an unknown key is a load error
+  (with a "did you mean" hint), as is a wrong type, an out-of-range number, a bad id,
+  a bad CIDR, a bad URL or an unknown URL placeholder;
+- the result is immutable (frozen dataclasses, tuples, ``MappingProxyType``), so it can
+  be shared freely between threads, tasks and stages and swapped as a whole on reload;
+- there is no module-level mutable state: load as many configurations as you like;
+- secrets and tokens never appear in ``repr()`` or in error messages.
+
+Errors are raised as :class:`PartnerConfigError` (a ``ValueError``) whose message reads
+``<file>: <table path>: <problem>``, e.g.
+``deploy/partners.toml: advertisers.acme.secrets: secret for key id 'k1' is 5
+characters long; at least 16 are required``. Keys that are not TOML bare keys are
+quoted in the path (``advertisers."acme.eu".token``).
+
+File format
+===========
+
+All tables are optional; an empty file is a valid configuration with no partners.
+
+.. code-block:: toml
+
+    [ingest]
+    # Bearer token for the bulk click import (POST /clicks). Optional: absent means
+    # bulk import is disabled. At least 16 characters.
+    bulk_token = "..."
+
+    [advertisers.acme]                # advertiser id: ^[A-Za-z0-9_.-]{1,64}$
+    # How postbacks authenticate: a subset of {"hmac", "token"}, not empty.
+    # Default ["hmac"]. "token" is the legacy shared token sent with the request.
+    auth_modes = ["hmac"]
+    # key id -> HMAC secret. Several may be active at once so keys can be rotated
+    # without downtime. Required (non-empty) when "hmac" is allowed, forbidden when it
+    # is not. Key ids: ^[A-Za-z0-9_.-]{1,64}$; each secret at least 16 characters.
+    secrets = { k2025 = "...", k2026 = "..." }
+    # Key used when a request carries no key id. Optional; must name a key in
+    # `secrets`. Default: the only key when there is exactly one, otherwise none (a
+    # request without a key id is then not verifiable).
+    default_key_id = "k2026"
+    # Legacy shared token; required iff "token" is in auth_modes. At least 16 chars.
+    token = "..."
+    # Source addresses allowed to post. Each entry is parsed with
+    # ipaddress.ip_network(strict=False): single addresses and CIDRs, v4 and v6.
+    # Optional; empty or absent means any address.
+    allow_ips = ["203.0.113.0/24", "2001:db8::/32", "198.51.100.7"]
+    # Accepted clock skew of signed timestamps, seconds. Default 300, range 1..86400.
+    timestamp_tolerance_s = 300
+    # Incoming parameter name -> canonical parameter name. Applied once (not
+    # transitively); names not listed are used as they are. Targets must look like a
+    # canonical parameter name: ^[a-z][a-z0-9_]{0,63}$.
+    aliases = { transaction_id = "order_id", clickid = "click_id", sum = "amount" }
+    # Advertiser event name -> canonical event (see CANONICAL_EVENTS, or
+    # "custom:<name>" with <name> matching ^[a-z0-9_-]{1,40}$).
+    event_map = { sale = "purchase", reg = "signup" }
+    # Advertiser status value -> "approved" | "pending" | "rejected".
+    status_map = { "1" = "approved", "0" = "pending", "-1" = "rejected" }
+    # How long order ids are remembered for de-duplication, days. Default 90,
+    # range 1..3650.
+    dedupe_horizon_days = 90
+    # Canonical events counted at most once per click when the postback has no order
+    # id. Default ["lead", "signup", "install", "trial_start"]; may be empty.
+    one_time_events = ["lead", "signup", "install", "trial_start"]
+
+    [offers.offer-1]                  # offer id: ^[A-Za-z0-9_.-]{1,64}$
+    # Required; must name an advertiser configured in this file.
+    advertiser_id = "acme"
+    # Where a click is redirected. Optional; absolute http(s) URL with a host.
+    # Placeholders: {click_id} {offer_id} {affiliate_id} {campaign_id} {sub1}..{sub5},
+    # substituted percent-encoded (missing values become ""). Any other placeholder,
+    # a format spec or conversion ({click_id:>9}, {click_id!r}), or a placeholder in
+    # the scheme or host is a load error. Write a literal brace as {{ or }}.
+    landing_url = "https://shop.example/landing?cid={click_id}&aff={affiliate_id}"
+    # Attribution window in days for events without an override. Default 30, 1..400.
+    attribution_window_days = 30
+    # Optional per-event override (canonical event -> days, each 1..400).
+    attribution_windows = { purchase = 30, renewal = 400 }
+
+A commented, loadable example lives in ``deploy/partners.example.toml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+import string
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeAlias
+from urllib.parse import quote, urlsplit
+
+__all__ = [
+    "AUTH_MODES",
+    "CANONICAL_EVENTS",
+    "DEFAULT_ONE_TIME_EVENTS",
+    "LANDING_PLACEHOLDERS",
+    "STATUSES",
+    "Advertiser",
+    "Offer",
+    "PartnerConfig",
+    "PartnerConfigError",
+    "is_canonical_event",
+    "load_partner_config",
+    "parse_partner_config",
+]
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Events every stage understands. Anything else must be written "custom:<name>".
+CANONICAL_EVENTS: tuple[str, ...] = (
+    "lead", "signup", "install", "trial_start", "subscription_start", "purchase",
+    "renewal", "upgrade", "cancel", "refund", "chargeback",
+)
+#: Conversion statuses after mapping.
+STATUSES: tuple[str, ...] = ("approved", "pending", "rejected")
+#: Ways a postback may authenticate.
+AUTH_MODES: tuple[str, ...] = ("hmac", "token")
+#: Events de-duplicated per click (when no order id) unless an advertiser overrides it.
+DEFAULT_ONE_TIME_EVENTS: tuple[str, ...] = ("lead", "signup", "install", "trial_start")
+#: Placeholders allowed in an offer's landing URL.
+LANDING_PLACEHOLDERS: tuple[str, ...] = (
+    "click_id", "offer_id", "affiliate_id", "campaign_id", "sub1", "sub2", "sub3", "sub4", "sub5",
+)
+
+DEFAULT_TIMESTAMP_TOLERANCE_S = 300
+DEFAULT_DEDUPE_HORIZON_DAYS = 90
+DEFAULT_ATTRIBUTION_WINDOW_DAYS = 30
+MIN_SECRET_LEN = 16
+
+_DAY_MS = 24 * 60 * 60 * 1000
+_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_CUSTOM_NAME_RE = re.compile(r"[a-z0-9_\-]{1,40}")
+_PARAM_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
+_CUSTOM_PREFIX = "custom:"
+# Stands in for placeholders while the URL's scheme and host are checked; a private-use
+# character cannot occur in the template because control/space/non-ASCII is rejected.
+_MARK = "\ue000"
+
+_TOP_KEYS = ("ingest", "advertisers", "offers")
+_INGEST_KEYS = ("bulk_token",)
+_ADVERTISER_KEYS = (
+    "auth_modes", "secrets", "default_key_id", "token", "allow_ips", "timestamp_tolerance_s",
+    "aliases", "event_map", "status_map", "dedupe_horizon_days", "one_time_events",
+)
+_OFFER_KEYS = ("advertiser_id", "landing_url", "attribution_window_days", "attribution_windows")
+
+
+def is_canonical_event(name: str) -> bool:
+    """True for a name in CANONICAL_EVENTS or ``custom:<name>`` with a valid <name>."""
+    if name in CANONICAL_EVENTS:
+        return True
+    return (isinstance(name, str) and name.startswith(_CUSTOM_PREFIX)
+            and _CUSTOM_NAME_RE.fullmatch(name[len(_CUSTOM_PREFIX):]) is not None)
+
+
+class PartnerConfigError(ValueError):
+    """The partner file cannot be used. ``str()`` is ``<source>: <path>: <problem>``.
+
+    ``source`` is the file (or the name given to ``parse_partner_config``), ``path`` the
+    dotted TOML table/key path ("" for the document itself) and ``problem`` what is
+    wrong. Secret values are never included.
+    """
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        self.source = source
+        self.path = path
+        self.problem = problem
+        where = f"{source}: {path}" if path else source
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.path, self.problem))
+
+
+def _freeze_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Advertiser:
+    """One advertiser: how its postbacks authenticate and how its vocabulary maps to ours.
+
+    Instances from ``parse_partner_config``/``load_partner_config`` satisfy every rule
+    of the file format (see the module docstring). Direct construction only freezes the
+    containers and derives ``default_key_id``; it does not validate.
+    """
+
+    advertiser_id: str
+    auth_modes: tuple[str, ...] = ("hmac",)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    default_key_id: str | None = None
+    token: str | None = field(default=None, repr=False)
+    allow_ips: tuple[IPNetwork, ...] = ()
+    timestamp_tolerance_s: int = DEFAULT_TIMESTAMP_TOLERANCE_S
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    event_map: Mapping[str, str] = field(default_factory=dict)
+    status_map: Mapping[str, str] = field(default_factory=dict)
+    dedupe_horizon_days: int = DEFAULT_DEDUPE_HORIZON_DAYS
+    one_time_events: tuple[str, ...] = DEFAULT_ONE_TIME_EVENTS
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "auth_modes", tuple(self.auth_modes))
+        set_(self, "secrets", _freeze_map(self.secrets))
+        set_(self, "allow_ips", tuple(
+            n if isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            else ipaddress.ip_network(n, strict=False)
+            for n in self.allow_ips))
+        set_(self, "aliases", _freeze_map(self.aliases))
+        set_(self, "event_map", _freeze_map(self.event_map))
+        set_(self, "status_map", _freeze_map(self.status_map))
+        set_(self, "one_time_events", tuple(self.one_time_events))
+        if self.default_key_id is None and len(self.secrets) == 1:
+            set_(self, "default_key_id", next(iter(self.secrets)))
+
+    @property
+    def allows_hmac(self) -> bool:
+        """Whether HMAC-signed postbacks are accepted."""
+        return "hmac" in self.auth_modes
+
+    @property
+    def allows_token(self) -> bool:
+        """Whether postbacks carrying the legacy shared token are accepted."""
+        return "token" in self.auth_modes
+
+    @property
+    def timestamp_tolerance_ms(self) -> int:
+        """``timestamp_tolerance_s`` in milliseconds."""
+        return self.timestamp_tolerance_s * 1000
+
+    @property
+    def dedupe_horizon_ms(self) -> int:
+        """``dedupe_horizon_days`` in milliseconds."""
+        return self.dedupe_horizon_days * _DAY_MS
+
+    def ip_allowed(self, ip: str) -> bool:
+        """Whether a request from ``ip`` may be accepted.
+
+        An empty allowlist allows everything. An address that does not parse is never
+        allowed (when there is an allowlist). IPv4-mapped IPv6 addresses
+        (``::ffff:198.51.100.7``) also match the IPv4 networks.
+        """
+        if not self.allow_ips:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip.strip() if isinstance(ip, str) else ip)
+        except (ValueError, TypeError):
+            return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            candidates.append(addr.ipv4_mapped)
+        return any(a in net for a in candidates for net in self.allow_ips)
+
+    def secret_for(self, key_id: str | None) -> str | None:
+        """The HMAC secret for ``key_id`` (``default_key_id`` when None); None if unknown."""
+        kid = self.default_key_id if key_id is None else key_id
+        if kid is None:
+            return None
+        return self.secrets.get(kid)
+
+    def map_event(self, name: str) -> str | None:
+        """The canonical event for the advertiser's event ``name``, or None if unknown.
+
+        ``event_map`` first, then a canonical name as it is, then ``custom:<name>`` only
+        when given literally in that form. Matching is exact (case-sensitive).
+        """
+        mapped = self.event_map.get(name)
+        if mapped is not None:
+            return mapped
+        return name if is_canonical_event(name) else None
+
+    def map_status(self, value: str | None) -> str | None:
+        """The status ("approved"/"pending"/"rejected") for an advertiser status value.
+
+        No status (None) means "approved"; then ``status_map``; then a status name as
+        it is; anything else is None (unknown).
+        """
+        if value is None:
+            return "approved"
+        mapped = self.status_map.get(value)
+        if mapped is not None:
+            return mapped
+        return value if value in STATUSES else None
+
+    def canonical_name(self, param: str) -> str:
+        """The canonical name of an incoming parameter: its alias target, or itself."""
+        return self.aliases.get(param, param)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One offer: which advertiser it belongs to, where clicks land, attribution windows.
+
+    Instances from the loader satisfy the file-format rules: ``advertiser_id`` names a
+    configured advertiser and ``landing_url`` (when set) is an http(s) URL using only
+    the allowed placeholders, none in its scheme or host.
+    """
+
+    offer_id: str
+    advertiser_id: str
+    landing_url: str | None = None
+    attribution_window_days: int = DEFAULT_ATTRIBUTION_WINDOW_DAYS
+    attribution_windows: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attribution_windows", _freeze_map(self.attribution_windows))
+
+    def landing_for(
+        self,
+        click_id: str,
+        affiliate_id: str | None,
+        campaign_id: str | None = None,
+        subs: Sequence[str | None] = (None,) * 5,
+    ) -> str | None:
+        """The landing URL for one click, or None when the offer has no landing URL.
+
+        Each placeholder is replaced by its value percent-encoded with
+        ``quote(value, safe="")`` (so a value can never add path segments, query
+        parameters or a fragment); a missing value becomes "". ``subs`` holds sub1..sub5
+        (fewer than five is fine; more is a ValueError).
+        """
+        if self.landing_url is None:
+            return None
+        if len(subs) > 5:
+            raise ValueError(f"at most 5 subs (sub1..sub5), got {len(subs)}")
+        padded = tuple(subs) + (None,) * (5 - len(subs))
+        values: dict[str, str | None] = {
+            "click_id": click_id, "offer_id": self.offer_id,
+            "affiliate_id": affiliate_id, "campaign_id": campaign_id,
+        }
+        values.update({f"sub{i}": v for i, v in enumerate(padded, start=1)})
+        out: list[str] = []
+        for literal, name in _parse_template(self.landing_url):
+            out.append(literal)
+            if name is not None:
+                value = values[name]
+                out.append("" if value is None else quote(str(value), safe=""))
+        return "".join(out)
+
+    def window_days(self, event: str) -> int:
+        """Attribution window for a canonical ``event``, days (override or default)."""
+        return self.attribution_windows.get(event, self.attribution_window_days)
+
+    def window_ms(self, event: str) -> int:
+        """Attribution window for a canonical ``event``, milliseconds."""
+        return self.window_days(event) * _DAY_MS
+
+
+@dataclass(frozen=True)
+class PartnerConfig:
+    """All advertisers and offers, plus ingest settings. Immutable; replace as a whole."""
+
+    ingest_bulk_token: str | None = field(default=None, repr=False)
+    advertisers: Mapping[str, Advertiser] = field(default_factory=dict)
+    offers: Mapping[str, Offer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "advertisers", _freeze_map(self.advertisers))
+        object.__setattr__(self, "offers", _freeze_map(self.offers))
+
+    @classmethod
+    def empty(cls) -> "PartnerConfig":
+        """No partners and bulk import disabled (e.g. when no file is configured)."""
+        return cls()
+
+    @property
+    def bulk_import_enabled(self) -> bool:
+        """Whether ``[ingest] bulk_token`` is set."""
+        return self.ingest_bulk_token is not None
+
+    def advertiser(self, advertiser_id: str) -> Advertiser | None:
+        """The advertiser with this id, or None."""
+        return self.advertisers.get(advertiser_id)
+
+    def offer(self, offer_id: str) -> Offer | None:
+        """The offer with this id, or None."""
+        return self.offers.get(offer_id)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_partner_config(path: Path) -> PartnerConfig:
+    """Read and validate the partner TOML file at ``path``.
+
+    Raises PartnerConfigError (naming the file) when it cannot be read, is not UTF-8
+    TOML, or breaks any rule of the format.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise PartnerConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise PartnerConfigError(source, "", f"not valid UTF-8: {e}") from e
+    return parse_partner_config(text, source)
+
+
+def parse_partner_config(text: str, source: str = "<string>") -> PartnerConfig:
+    """Parse and validate partner TOML ``text``; ``source`` names it in error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PartnerConfigError(source, "", f"invalid TOML: {e}") from e
+    return _Reader(source).config(doc)
+
+
+def _join(path: str, key: str) -> str:
+    part = key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return f"{path}.{part}" if path else part
+
+
+def _parse_template(url: str) -> list[tuple[str, str | None]]:
+    """Split a landing URL template into (literal, placeholder-or-None) pieces.
+
+    Raises ValueError with a readable reason for malformed braces, positional or
+    unknown placeholders, and format specs or conversions.
+    """
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in string.Formatter().parse(url):
+        if name is None:
+            pieces.append((literal, None))
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("empty or positional placeholder '{}'; use a named placeholder")
+        if name not in LANDING_PLACEHOLDERS:
+            raise ValueError(
+                f"unknown placeholder {{{name}}}; allowed: "
+                + " ".join(f"{{{p}}}" for p in LANDING_PLACEHOLDERS))
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} may not have a format spec or conversion")
+        pieces.append((literal, name))
+    return pieces
+
+
+class _Reader:
+    """Validates one parsed TOML document; holds only the source name for messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, problem: str) -> PartnerConfigError:
+        return PartnerConfigError(self.source, path, problem)
+
+    # ---- generic helpers
+
+    def table(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"must be a table, got {_type_name(value)}")
+        return value
+
+    def check_keys(self, table: Mapping[str, Any], path: str, allowed: Sequence[str]) -> None:
+        unknown = [k for k in table if k not in allowed]
+        if not unknown:
+            return
+        key = unknown[0]
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        what = "top-level key" if not path else "key"
+        raise self.fail(path, f"unknown {what} {key!r}{did_you_mean}; allowed: {', '.join(allowed)}")
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"must be a string, got {_type_name(value)}")
+        return value
+
+    def ident(self, value: Any, path: str, what: str) -> str:
+        value = self.string(value, path)
+        if not _ID_RE.fullmatch(value):
+            raise self.fail(path, f"invalid {what} {value!r}: must match ^[A-Za-z0-9_.-]{{1,64}}$")
+        return value
+
+    def secret(self, value: Any, path: str, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"{what} must be a string, got {_type_name(value)}")
+        if len(value) < MIN_SECRET_LEN:
+            raise self.fail(path, f"{what} is {len(value)} characters long; "
+                                  f"at least {MIN_SECRET_LEN} are required")
+        return value
+
+    def integer(self, value: Any, path: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"must be an integer, got {_type_name(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(path, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def string_list(self, value: Any, path: str) -> list[str]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be an array of strings, got {_type_name(value)}")
+        for item in value:
+            if not isinstance(item, str):
+                raise self.fail(path, f"must be an array of strings; found {_type_name(item)}")
+        return value
+
+    def string_map(self, value: Any, path: str) -> dict[str, str]:
+        table = self.table(value, path)
+        for k, v in table.items():
+            if not isinstance(v, str):
+                raise self.fail(path, f"value of {k!r} must be a string, got {_type_name(v)}")
+            if k == "":
+                raise self.fail(path, "keys may not be empty")
+        return table
+
+    def event(self, value: str, path: str, context: str) -> str:
+        if not is_canonical_event(value):
+            raise self.fail(path, f"{context}{value!r} is not a canonical event; use one of "
+                                  f"{', '.join(CANONICAL_EVENTS)} or 'custom:<name>' "
+                                  "with <name> matching ^[a-z0-9_-]{1,40}$")
+        return value
+
+    # ---- document
+
+    def config(self, doc: dict[str, Any]) -> PartnerConfig:
+        self.check_keys(doc, "", _TOP_KEYS)
+        bulk_token = self.ingest(doc.get("ingest", {}))
+        advertisers_t = self.table(doc.get("advertisers", {}), "advertisers")
+        advertisers = {}
+        for adv_id, body in advertisers_t.items():
+            path = _join("advertisers", adv_id)
+            self.ident(adv_id, path, "advertiser id")
+            advertisers[adv_id] = self.advertiser(adv_id, body, path)
+        offers_t = self.table(doc.get("offers", {}), "offers")
+        offers = {}
+        for offer_id, body in offers_t.items():
+            path = _join("offers", offer_id)
+            self.ident(offer_id, path, "offer id")
+            offers[offer_id] = self.offer(offer_id, body, path, advertisers)
+        return PartnerConfig(ingest_bulk_token=bulk_token, advertisers=advertisers, offers=offers)
+
+    def ingest(self, value: Any) -> str | None:
+        table = self.table(value, "ingest")
+        self.check_keys(table, "ingest", _INGEST_KEYS)
+        if "bulk_token" not in table:
+            return None
+        return self.secret(table["bulk_token"], "ingest.bulk_token", "bulk_token")
+
+    def advertiser(self, adv_id: str, value: Any, path: str) -> Advertiser:
+        t = self.table(value, path)
+        self.check_keys(t, path, _ADVERTISER_KEYS)
+
+        p = _join(path, "auth_modes")
+        modes = self.string_list(t.get("auth_modes", ["hmac"]), p)
+        if not modes:
+            raise self.fail(p, f"must list at least one of {', '.join(AUTH_MODES)}")
+        for m in modes:
+            if m not in AUTH_MODES:
+                raise self.fail(p, f"unknown auth mode {m!r}; allowed: {', '.join(AUTH_MODES)}")
+        if len(set(modes)) != len(modes):
+            raise self.fail(p, "lists a mode more than once")
+        hmac, token_mode = "hmac" in modes, "token" in modes
+
+        p = _join(path, "secrets")
+        secrets = self.table(t.get("secrets", {}), p)
+        for kid, secret in secrets.items():
+            self.ident(kid, p, "key id")
+            self.secret(secret, p, f"secret for key id {kid!r}")
+        if hmac and not secrets:
+            raise self.fail(p, "required (at least one key id = secret) when 'hmac' is in auth_modes")
+        if not hmac and secrets:
+            raise self.fail(p, "given but 'hmac' is not in auth_modes; add it or remove the secrets")
+
+        p = _join(path, "default_key_id")
+        default_kid: str | None = None
+        if "default_key_id" in t:
+            default_kid = self.ident(t["default_key_id"], p, "key id")
+            if default_kid not in secrets:
+                known = ", ".join(secrets) or "none"
+                raise self.fail(p, f"{default_kid!r} is not a key id in secrets (known: {known})")
+
+        p = _join(path, "token")
+        token: str | None = None
+        if "token" in t:
+            if not token_mode:
+                raise self.fail(p, "given but 'token' is not in auth_modes; add it or remove the token")
+            token = self.secret(t["token"], p, "token")
+        elif token_mode:
+            raise self.fail(p, "required when 'token' is in auth_modes")
+
+        p = _join(path, "allow_ips")
+        networks: list[IPNetwork] = []
+        for entry in self.string_list(t.get("allow_ips", []), p):
+            try:
+                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError as e:
+                raise self.fail(p, f"{entry!r} is not an IP address or CIDR network: {e}") from e
+
+        tolerance = self.integer(t.get("timestamp_tolerance_s", DEFAULT_TIMESTAMP_TOLERANCE_S),
+                                 _join(path, "timestamp_tolerance_s"), 1, 86_400)
+
+        p = _join(path, "aliases")
+        aliases = self.string_map(t.get("aliases", {}), p)
+        for src, dst in aliases.items():
+            if not _PARAM_RE.fullmatch(dst):
+                raise self.fail(p, f"alias target {dst!r} (for {src!r}) is not a parameter name: "
+                                   "must match ^[a-z][a-z0-9_]{0,63}$")
+
+        p = _join(path, "event_map")
+        event_map = self.string_map(t.get("event_map", {}), p)
+        for src, dst in event_map.items():
+            self.event(dst, p, f"target of {src!r}: ")
+
+        p = _join(path, "status_map")
+        status_map = self.string_map(t.get("status_map", {}), p)
+        for src, dst in status_map.items():
+            if dst not in STATUSES:
+                raise self.fail(p, f"target of {src!r}: {dst!r} is not a status; "
+                                   f"use one of {', '.join(STATUSES)}")
+
+        horizon = self.integer(t.get("dedupe_horizon_days", DEFAULT_DEDUPE_HORIZON_DAYS),
+                               _join(path, "dedupe_horizon_days"), 1, 3650)
+
+        p = _join(path, "one_time_events")
+        one_time = self.string_list(t.get("one_time_events", list(DEFAULT_ONE_TIME_EVENTS)), p)
+        for ev in one_time:
+            self.event(ev, p, "")
+        if len(set(one_time)) != len(one_time):
+            raise self.fail(p, "lists an event more than once")
+
+        return Advertiser(
+            advertiser_id=adv_id, auth_modes=tuple(modes), secrets=secrets,
+            default_key_id=default_kid, token=token, allow_ips=tuple(networks),
+            timestamp_tolerance_s=tolerance, aliases=aliases, event_map=event_map,
+            status_map=status_map, dedupe_horizon_days=horizon, one_time_events=tuple(one_time),
+        )
+
+    def offer(self, offer_id: str, value: Any, path: str,
+              advertisers: Mapping[str, Advertiser]) -> Offer:
+        t = self.table(value, path)
+        self.check_keys(t, path, _OFFER_KEYS)
+
+        p = _join(path, "advertiser_id")
+        if "advertiser_id" not in t:
+            raise self.fail(p, "required: the id of the advertiser this offer belongs to")
+        adv_id = self.string(t["advertiser_id"], p)
+        if adv_id not in advertisers:
+            known = ", ".join(advertisers) or "none configured"
+            raise self.fail(p, f"unknown advertiser {adv_id!r} (known: {known})")
+
+        landing: str | None = None
+        if "landing_url" in t:
+            landing = self.landing_url(t["landing_url"], _join(path, "landing_url"))
+
+        default_days = self.integer(t.get("attribution_window_days", DEFAULT_ATTRIBUTION_WINDOW_DAYS),
+                                    _join(path, "attribution_window_days"), 1, 400)
+        p = _join(path, "attribution_windows")
+        windows = self.table(t.get("attribution_windows", {}), p)
+        for ev, days in windows.items():
+            self.event(ev, p, "")
+            self.integer(days, _join(p, ev), 1, 400)
+
+        return Offer(offer_id=offer_id, advertiser_id=adv_id, landing_url=landing,
+                     attribution_window_days=default_days, attribution_windows=windows)
+
+    def landing_url(self, value: Any, path: str) -> str:
+        url = self.string(value, path)
+        if any(c.isspace() or not c.isprintable() or not c.isascii() for c in url):
+            raise self.fail(path, "must not contain whitespace, control or non-ASCII characters "
+                                  "(percent-encode them)")
+        try:
+            pieces = _parse_template(url)
+        except ValueError as e:
+            raise self.fail(path, str(e)) from e
+        sample = "".join(lit + (_MARK if name else "") for lit, name in pieces)
+        parts = urlsplit(sample)
+        if _MARK in parts.scheme or _MARK in parts.netloc:
+            raise self.fail(path, "placeholders are only allowed after the host "
+                                  "(in the path, query or fragment)")
+        if parts.scheme.lower() not in ("http", "https"):
+            raise self.fail(path, f"must be an absolute http(s) URL, got scheme {parts.scheme!r}"
+                            if parts.scheme else "must be an absolute http(s) URL")
+        if not parts.hostname:
+            raise self.fail(path, "must include a host")
+        return url
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    return type(value).__name__
