@@ -104,7 +104,7 @@ class LocalKafka:
     def _format(self, props: Path) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         cmd = self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), "--ignore-formatted")
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -149,6 +149,15 @@ class LocalKafka:
             terminate(self._popen.pid, timeout)
             self._popen.wait(timeout=10)
             self._popen = None
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka's `Uuid.randomUuid()` makes it: url-safe base64 of 16 random
+    bytes, never starting with "-" (a command-line parser would take it for an option)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def kafka_ready(bootstrap: str, timeout: float = 2.0) -> bool:

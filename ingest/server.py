@@ -14,9 +14,11 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -42,7 +44,7 @@ def prepare_topics(bootstrap: str, topics: Topics) -> None:
 
 
 async def _serve(opts: IngestOptions, bootstrap: str, topics: Topics, partners: PartnerConfig,
-                 reuse_port: bool, announce: bool) -> None:
+                 reuse_port: bool, announce: bool, started: Any = None) -> None:
     ingester = Ingester(opts, topics, partners, lambda loop: AsyncProducer(
         producer_config(bootstrap, opts.delivery_timeout_s, **{"client.id": "postback-ingest"}), loop))
     runner = web.AppRunner(build_app(ingester), shutdown_timeout=opts.shutdown_timeout_s, access_log=None)
@@ -57,40 +59,52 @@ async def _serve(opts: IngestOptions, bootstrap: str, topics: Topics, partners: 
     port = runner.addresses[0][1] if runner.addresses else opts.port
     if announce:
         print(f"ingest listening on http://{opts.host}:{port} (kafka {bootstrap})", flush=True)
+    if started is not None:
+        started.put(os.getpid())
     await stop.wait()
     log.info("shutting down: no new connections, finishing in-flight requests, flushing Kafka")
     await runner.cleanup()
 
 
-def run_worker(opts: IngestOptions, bootstrap: str, topics: Topics, partners: PartnerConfig,
-               reuse_port: bool, announce: bool) -> None:
+def run_worker(opts: IngestOptions, bootstrap: str, settings: Settings, reuse_port: bool, announce: bool,
+               started: Any = None) -> None:
+    """One ingester process. Loads the partner file itself: workers share no objects."""
+    topics = Topics(settings.topic_prefix)
+    partners = load_partners(settings)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_serve(opts, bootstrap, topics, partners, reuse_port, announce))
+    asyncio.run(_serve(opts, bootstrap, topics, partners, reuse_port, announce, started))
 
 
 def serve(opts: IngestOptions, settings: Settings, bootstrap: str) -> int:
     """Run `opts.workers` ingester processes until SIGTERM; returns the exit code."""
-    topics = Topics(settings.topic_prefix)
-    partners = load_partners(settings)
+    load_partners(settings)  # a broken partner file fails here, once, before any worker starts
     if opts.create_topics:
-        prepare_topics(bootstrap, topics)
+        prepare_topics(bootstrap, Topics(settings.topic_prefix))
     if opts.workers <= 1:
-        run_worker(opts, bootstrap, topics, partners, reuse_port=False, announce=True)
+        run_worker(opts, bootstrap, settings, reuse_port=False, announce=True)
         return 0
     if opts.port == 0:
         from deploy.procs import free_port
 
         opts = replace(opts, port=free_port(opts.host))
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=run_worker, args=(opts, bootstrap, topics, partners, True, False),
+    started = ctx.Queue()
+    workers = [ctx.Process(target=run_worker, args=(opts, bootstrap, settings, True, False, started),
                            name=f"ingest-{i}") for i in range(opts.workers)]
     for w in workers:
         w.start()
+    try:
+        for _ in workers:  # announce only once every worker listens
+            started.get(timeout=60)
+    except queue.Empty:
+        for w in workers:
+            w.kill()
+        raise RuntimeError("ingest workers did not start within 60s")
     print(f"ingest listening on http://{opts.host}:{opts.port} with {opts.workers} workers "
           f"(kafka {bootstrap})", flush=True)
 

@@ -92,3 +92,11 @@ def test_server_properties_are_single_node_kraft_on_loopback(tmp_path) -> None:
     assert "listeners=PLAINTEXT://127.0.0.1:1234,CONTROLLER://127.0.0.1:1235" in text
     assert "controller.quorum.voters=1@127.0.0.1:1235" in text
     assert f"log.dirs={tmp_path}" in text
+
+
+def test_cluster_ids_never_look_like_options() -> None:
+    from deploy.kafka_local import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(5000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == 5000

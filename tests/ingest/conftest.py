@@ -82,6 +82,8 @@ def start_ingester(kafka: KafkaService, tmp: Path, *extra: str, bootstrap: str |
     def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"ingester exited: {log.read_text()}")
+        if "ingest listening on" not in log.read_text():  # printed once every worker listens
+            return False
         try:
             return http(url + "/healthz", timeout=1).status == 200
         except OSError:

@@ -1,0 +1,138 @@
+"""What partners rely on when things go wrong: no 202 without Kafka, recovery, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from deploy.kafka_jars import ensure_jars
+from deploy.kafka_local import KafkaOptions, LocalKafka
+from deploy.procs import free_port
+from deploy.providers import KafkaService
+from postback.config import Settings
+from schemas.codec import Codec
+
+from .conftest import http, start_ingester, wait_count
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+@pytest.fixture
+def own_kafka(tmp_path: Path, settings: Settings) -> Iterator[tuple[LocalKafka, KafkaService]]:
+    """A broker of this test's own, on fixed ports, so it can be stopped and started again."""
+    if settings.kafka_bootstrap_servers:
+        pytest.skip("needs a local broker it may stop")
+    jars = ensure_jars(settings.cache_dir, settings.kafka_version)
+    broker = LocalKafka(tmp_path / "kafka", jars, KafkaOptions(port=free_port(), controller_port=free_port(),
+                                                               heap_mb=512, die_with_parent=True))
+    proc = broker.start()
+    try:
+        yield broker, KafkaService(proc.bootstrap_servers, "local")
+    finally:
+        broker.stop()
+
+
+def _post(url: str, i: int) -> int:
+    body = f"advertiser_id=acme&event=purchase&order_id=o{i}&amount=1.00&currency=USD".encode()
+    return http(url + "/postback", "POST", body, FORM, timeout=30).status
+
+
+def test_kafka_outage_gives_503_then_recovers_and_202s_equal_records(
+        own_kafka: tuple[LocalKafka, KafkaService], tmp_path: Path) -> None:
+    broker, kafka = own_kafka
+    ing = start_ingester(kafka, tmp_path, "--delivery-timeout", "2")
+    accepted = 0
+    try:
+        for i in range(20):
+            assert _post(ing.url, i) == 202
+            accepted += 1
+
+        broker.stop()
+        started = time.monotonic()
+        resp = http(ing.url + "/postback", "POST", b"advertiser_id=acme&event=lead", FORM, timeout=30)
+        assert resp.status == 503, resp.body
+        assert resp.headers["retry-after"] == "2"
+        assert resp.json()["status"] == "unavailable"
+        assert time.monotonic() - started < 10
+        assert http(ing.url + "/readyz", timeout=30).status == 503
+        assert http(ing.url + "/healthz").status == 200  # alive, just not ready
+        statuses = [_post(ing.url, 1000 + i) for i in range(3)]
+        assert set(statuses) == {503}
+
+        broker.start()
+        deadline = time.monotonic() + 90
+        recovered = False
+        i = 2000
+        while time.monotonic() < deadline:
+            status = _post(ing.url, i)
+            i += 1
+            assert status in (202, 503)
+            if status == 202:
+                accepted += 1
+                recovered = True
+                break
+            time.sleep(0.5)
+        assert recovered, "the ingester did not recover after Kafka came back"
+        for j in range(20):
+            assert _post(ing.url, 5000 + j) == 202
+            accepted += 1
+        assert http(ing.url + "/readyz").status == 200
+    finally:
+        code = ing.stop()
+    assert code == 0, ing.log.read_text()
+    assert wait_count(kafka, ing.topics.raw_postbacks.name, accepted) == accepted
+    time.sleep(1)
+    assert kafka.count(ing.topics.raw_postbacks.name) == accepted, "a record without a 202 reached Kafka"
+
+
+async def _fire(url: str, n: int) -> list[tuple[int, str | None]]:
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> tuple[int, str | None]:
+            try:
+                async with session.post(url + "/postback", data=f"advertiser_id=acme&event=lead&order_id=s{i}",
+                                        headers=FORM, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    body = await resp.json()
+                    return resp.status, body.get("receipt_id")
+            except aiohttp.ClientError:
+                return -1, None
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_sigterm_answers_in_flight_flushes_and_exits_zero(kafka: KafkaService, tmp_path: Path) -> None:
+    ing = start_ingester(kafka, tmp_path)
+
+    async def scenario() -> list[tuple[int, str | None]]:
+        task = asyncio.create_task(_fire(ing.url, 300))
+        await asyncio.sleep(0.15)
+        ing.proc.send_signal(signal.SIGTERM)
+        return await task
+
+    results = asyncio.run(scenario())
+    assert ing.proc.wait(timeout=30) == 0, ing.log.read_text()
+    ok = [r for s, r in results if s == 202]
+    assert ok, "no request completed before shutdown"
+    assert all(s in (202, -1) for s, _ in results), {s for s, _ in results}
+    topic = ing.topics.raw_postbacks.name
+    assert wait_count(kafka, topic, len(ok)) == len(ok)
+    receipts = {Codec.for_record("RawPostback").decode(m.value())["receipt_id"] for m in kafka.read(topic)}
+    assert receipts == set(ok)
+
+
+def test_several_workers_share_the_port(kafka: KafkaService, tmp_path: Path) -> None:
+    ing = start_ingester(kafka, tmp_path, "--workers", "2")
+    try:
+        results = asyncio.run(_fire(ing.url, 400))
+        assert [s for s, _ in results].count(202) == 400
+    finally:
+        code = ing.stop()
+    assert code == 0, ing.log.read_text()
+    records = kafka.read(ing.topics.raw_postbacks.name)
+    assert len(records) == 400
+    ingesters = {Codec.for_record("RawPostback").decode(m.value())["ingester_id"] for m in records}
+    assert len(ingesters) == 2, f"one process served everything: {ingesters}"
