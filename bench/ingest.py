@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -162,20 +162,44 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (the ingester's workers with --workers N)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.append(p)
+            todo.extend(_children(p))
+    return out
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by `pid` and its descendants."""
+    ticks = 0
+    for p in _descendants(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / _CLK_TCK
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot, from the first line of /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already inside user/nice
+    return total - idle, total
+
+
 def tree_rss_kb(pid: int) -> int:
     """VmRSS of `pid` plus all its descendants (the ingester's workers with --workers N).
 
     A sum over-counts pages shared between processes (e.g. after fork); with the spawn
     start method the workers share little, so it is close to the real footprint."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _vmrss_kb(p)
-        todo.extend(_children(p))
-    return total
+    return sum(_vmrss_kb(p) for p in _descendants(pid))
 
 
 class RssSampler(threading.Thread):
@@ -224,6 +248,12 @@ class WrkResult:
     write: int
     timeout: int  # answers slower than wrk's --timeout (still counted in `requests`)
     latency_ms: dict[str, float]
+    #: CPU the server's process tree used during the run, in % of one core (100 = one core
+    #: busy). Near 100 per worker means the server is CPU-bound; well below, it waits.
+    server_cpu_pct: float = 0.0
+    #: Whole-host CPU busy during the run, in % of all CPUs (wrk, Kafka and neighbours
+    #: included). Near 100 means everything competed for CPU and figures are pessimistic.
+    host_cpu_busy_pct: float = 0.0
 
     @classmethod
     def parse(cls, stdout: str) -> WrkResult:
@@ -256,19 +286,26 @@ class WrkResult:
         return {"requests": self.requests, "rps": round(self.rps, 1), "p50_ms": lat["p50"], "p90_ms": lat["p90"],
                 "p99_ms": lat["p99"], "p999_ms": lat["p999"], "max_ms": lat["max"], "mean_ms": lat["mean"],
                 "non2xx": self.non2xx, "errors": self.connect + self.read + self.write + self.timeout,
+                "server_cpu_pct": self.server_cpu_pct, "host_cpu_busy_pct": self.host_cpu_busy_pct,
                 "errors_detail": {"connect": self.connect, "read": self.read, "write": self.write,
                                   "timeout": self.timeout}}
 
 
-def run_wrk(wrk: str, url: str, concurrency: int, duration_s: int, tag: str, timeout_s: int) -> WrkResult:
+def run_wrk(wrk: str, server: Server, concurrency: int, duration_s: int, tag: str, timeout_s: int) -> WrkResult:
     """One wrk run: one thread (the host is small and shared), `concurrency` keep-alive
     connections. subprocess.run kills wrk if we are interrupted."""
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency", f"--timeout={timeout_s}s",
-           "-s", str(LUA_SCRIPT), f"{url}/postback", "--", tag]
+           "-s", str(LUA_SCRIPT), f"{server.url}/postback", "--", tag]
+    cpu_before, (busy_before, total_before) = tree_cpu_s(server.proc.pid), host_cpu_ticks()
+    started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
+    cpu_pct = 100 * (tree_cpu_s(server.proc.pid) - cpu_before) / (time.monotonic() - started)
+    busy_after, total_after = host_cpu_ticks()
+    host_pct = 100 * (busy_after - busy_before) / max(1, total_after - total_before)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout}\n{done.stderr}")
-    return WrkResult.parse(done.stdout)
+    return replace(WrkResult.parse(done.stdout), server_cpu_pct=round(cpu_pct, 1),
+                   host_cpu_busy_pct=round(host_pct, 1))
 
 
 # -- durability -----------------------------------------------------------------------
@@ -359,10 +396,11 @@ def benchmark(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
 
         def load(server: Server, concurrency: int, duration_s: int, tag: str) -> WrkResult:
             log(f"{server.name}: {concurrency} connections for {duration_s}s ...")
-            result = run_wrk(wrk, server.url, concurrency, duration_s, tag, args.wrk_timeout)
+            result = run_wrk(wrk, server, concurrency, duration_s, tag, args.wrk_timeout)
             log(f"{server.name}: {result.rps:,.0f} req/s, p50 {result.latency_ms['p50']} ms, "
                 f"p99 {result.latency_ms['p99']} ms, non-2xx {result.non2xx}, "
-                f"socket errors {result.summary()['errors']}")
+                f"socket errors {result.summary()['errors']}, server CPU {result.server_cpu_pct}%, "
+                f"host CPU busy {result.host_cpu_busy_pct}%")
             return result
 
         if args.warmup > 0:  # not reported, but the ingester's 202s count for durability
@@ -421,14 +459,14 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Kafka {report['kafka']}, {report['host']['cpus']} CPUs",
         "",
         "| connections | ingester req/s | baseline req/s | ratio | ingester p50 / p99 ms | "
-        "baseline p50 / p99 ms | ingester non-2xx / errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "baseline p50 / p99 ms | ingester non-2xx / errors | CPU % ingester / baseline |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in report["runs"]:
         i, b = run["ingester"], run["baseline"]
         lines.append(f"| {run['concurrency']} | {i['rps']:,.0f} | {b['rps']:,.0f} | {run['ratio_rps']} | "
                      f"{i['p50_ms']} / {i['p99_ms']} | {b['p50_ms']} / {b['p99_ms']} | "
-                     f"{i['non2xx']} / {i['errors']} |")
+                     f"{i['non2xx']} / {i['errors']} | {i['server_cpu_pct']} / {b['server_cpu_pct']} |")
     lines += [
         "",
         f"RSS peak: ingester {report['ingester_rss_mb_peak']} MB, baseline {report['baseline_rss_mb_peak']} MB",
