@@ -52,15 +52,16 @@ from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable as `python bench/ingest.py` without an install
-    sys.path.insert(0, str(REPO))
+BENCH_DIR = REPO / "bench"
+# Run as `python bench/ingest.py`, Python puts bench/ first on sys.path, where this file
+# would shadow the `ingest` package; put the repository there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
 
 from deploy.procs import die_with_parent, tail, wait_until  # noqa: E402
 from deploy.providers import KafkaService, kafka_service, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
 from postback.topics import Topics  # noqa: E402
 
-BENCH_DIR = REPO / "bench"
 LUA_SCRIPT = BENCH_DIR / "postback.lua"
 BARE_SERVER = BENCH_DIR / "bare_server.py"
 PARTNERS = REPO / "deploy" / "partners.example.toml"
@@ -164,7 +165,8 @@ def _children(pid: int) -> list[int]:
 
 def _descendants(pid: int) -> list[int]:
     """`pid` and every process below it (the ingester's workers with --workers N)."""
-    out, todo = [], [pid]
+    out: list[int] = []
+    todo = [pid]
     while todo:
         p = todo.pop()
         if p not in out:
@@ -337,17 +339,30 @@ def duplicate_order_ids(kafka: KafkaService, topic: str) -> int:
     return sum(n - 1 for n in seen.values())
 
 
+def delete_topics(kafka: KafkaService, topics: Topics) -> None:
+    """Remove this run's topics from a shared cluster; a failure is logged, not fatal."""
+    names = [spec.name for spec in topics.all()]
+    try:
+        for future in kafka.admin().delete_topics(names, operation_timeout=30).values():
+            future.result(timeout=30)
+        log(f"deleted topics {topics.prefix}.*")
+    except Exception as exc:  # noqa: BLE001 - the measurements are valid either way
+        log(f"could not delete topics {topics.prefix}.*: {exc}")
+
+
 # -- the benchmark --------------------------------------------------------------------
 @dataclass
 class IngesterTotals:
     """What wrk saw from the ingester over all its runs, warm-up included."""
 
     ok: int = 0
+    sent: int = 0
     unseen: int = 0
     runs: list[WrkResult] = field(default_factory=list)
 
     def add(self, result: WrkResult) -> WrkResult:
         self.ok += result.ok
+        self.sent += result.sent
         self.unseen += result.unseen
         self.runs.append(result)
         return result
@@ -425,6 +440,8 @@ def benchmark(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
         log(f"counting records in {topic} ...")
         records = settled_count(kafka, topic, totals.ok)
         duplicates = duplicate_order_ids(kafka, topic)
+        if kafka.provider == "external":  # a local broker goes away with its scratch dir
+            delete_topics(kafka, Topics(prefix))
         lost = max(0, totals.ok - records)
         extra = max(0, records - totals.ok)
         host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -440,6 +457,7 @@ def benchmark(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
             "ingester_rss_mb_peak": mb(sampler.peak_kb["ingester"]),
             "baseline_rss_mb_start": mb(sampler.first["baseline"]),
             "baseline_rss_mb_peak": mb(sampler.peak_kb["baseline"]),
+            "sent_to_ingester": totals.sent,
             "accepted_202": totals.ok,
             "records_in_topic": records,
             "lost": lost,

@@ -92,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack(sub)
     from ingest import cli as ingest_cli
     from postback import demo
+    from processors import cli as processors_cli
+    from processors import sign_cli
 
     ingest_cli.register(sub)
+    processors_cli.register(sub)
+    sign_cli.register(sub)
     demo.register(sub)
     return parser
 

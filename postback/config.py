@@ -80,3 +80,21 @@ class IngestOptions:
     create_topics: bool = True
     #: Graceful-shutdown budget: in-flight requests and the producer flush share it.
     shutdown_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """One faust worker of the processors; `postback process` flags map onto these."""
+
+    #: Partitions of the internal topics; must equal the raw-postbacks and clicks topics'.
+    partitions: int = 6
+    replication_factor: int = 1
+    #: How long a conversion waits for a late click before it is emitted unattributed.
+    late_click_wait_s: float = 600.0
+    #: faust's web server (stats, health) binds 127.0.0.1 on this port + the worker index.
+    web_port: int = 16066
+    #: Short sessions let a restarted worker take its partitions back quickly (faust sends no LeaveGroup).
+    session_timeout_s: float = 10.0
+    commit_interval_s: float = 0.5
+    #: How often expired dedupe entries are removed (state stays bounded by the horizon).
+    dedupe_cleanup_interval_s: float = 600.0

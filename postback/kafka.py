@@ -1,29 +1,33 @@
 """Kafka client wrappers: producer configuration and an asyncio bridge for the producer.
 
-Why a bridge: confluent-kafka's producer is thread-safe and batches internally, but its
-delivery reports arrive through `poll()`. `AsyncProducer` runs `poll()` in one background
-thread and hands the reports back to the event loop in batches (one loop wake-up per
-poll, not one per record), so a request handler can `await` the broker's acknowledgement
-without blocking the loop.
+Why a bridge: confluent-kafka's producer batches internally (linger), but its delivery
+reports arrive only through `poll()`. `AsyncProducer` calls the non-blocking `poll(0)`
+from the event loop itself while records are in flight (every millisecond), so delivery
+callbacks run on the loop and resolve their futures directly: no poll thread, no GIL
+hand-offs, no cross-thread wake-ups. This buffering/sending split is what lets a request
+handler `await` the broker's acknowledgement without blocking the loop.
 
 Guarantee: `send()` returns only after the broker acknowledged the record with
 `acks=all` (idempotent producer). It raises `KafkaUnavailable` when the local queue is
 full or the record was not acknowledged within `message.timeout.ms` (the delivery
-deadline): in both cases the record is *not* known to be in Kafka, and the caller must
-not claim it is.
+deadline, enforced by librdkafka for every record): in both cases the record is *not*
+known to be in Kafka, and the caller must not claim it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
 log = logging.getLogger(__name__)
+
+#: Poll period while records await acknowledgement; idle producers are polled rarely.
+BUSY_POLL_S = 0.001
+IDLE_POLL_S = 0.1
 
 
 class KafkaUnavailable(RuntimeError):
@@ -65,37 +69,59 @@ class AsyncProducer:
         self._config = dict(config)
         self._config.setdefault("error_cb", self._on_error)
         self._loop = loop
-        self._deadline_s = self._config.get("message.timeout.ms", 5000) / 1000.0
         self._producer = Producer(self._config)
-        self._pending: list[tuple[asyncio.Future[None], KafkaError | None]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
-        self._thread.start()
+        self._inflight = 0
+        self._fatal = False
+        self._closed = False
         self.delivery_errors = 0
         self.last_error: str | None = None
-        self._fatal = False
+        self._wake = asyncio.Event()
+        self._poller = loop.create_task(self._poll_forever(), name="kafka-poll")
 
-    # -- event-loop side -------------------------------------------------------------
     async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Produce one record and wait for the broker's acknowledgement."""
+        if self._closed:
+            raise KafkaUnavailable("shutting_down", "the producer is closed")
         if self._fatal:
             self._rebuild()
         future: asyncio.Future[None] = self._loop.create_future()
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            self._inflight -= 1
+            if future.done():
+                return
+            if err is None:
+                future.set_result(None)
+                return
+            self.delivery_errors += 1
+            self.last_error = err.str()
+            reason = "timeout" if err.code() == KafkaError._MSG_TIMED_OUT else "delivery_failed"
+            future.set_exception(KafkaUnavailable(reason, err.str()))
+
         try:
-            self._producer.produce(topic, value, key, on_delivery=lambda err, _msg: self._collect(future, err))
+            self._producer.produce(topic, value, key, on_delivery=delivered)
         except BufferError as exc:
             self.delivery_errors += 1
             raise KafkaUnavailable("queue_full", "the producer's local queue is full") from exc
         except Exception as exc:  # KafkaException for a fatal producer state, etc.
             self.delivery_errors += 1
             raise KafkaUnavailable("produce_failed", str(exc)) from exc
-        try:
-            # librdkafka enforces the deadline itself (message.timeout.ms); this bound only
-            # guards against a lost callback.
-            await asyncio.wait_for(asyncio.shield(future), self._deadline_s + 5.0)
-        except TimeoutError as exc:
-            raise KafkaUnavailable("timeout", f"no acknowledgement within {self._deadline_s:.1f}s") from exc
+        self._inflight += 1
+        if self._inflight == 1:
+            self._wake.set()
+        await future
+
+    async def _poll_forever(self) -> None:
+        while not self._closed:
+            self._producer.poll(0)  # runs delivery callbacks, here, on the loop
+            if self._inflight:
+                await asyncio.sleep(BUSY_POLL_S)
+                continue
+            self._wake.clear()
+            try:  # idle: sleep until a send wakes us (or poll now and then for errors/stats)
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+            except TimeoutError:
+                pass
 
     def queue_depth(self) -> int:
         """Records produced but not yet acknowledged or failed."""
@@ -113,11 +139,22 @@ class AsyncProducer:
         return await self._loop.run_in_executor(None, probe)
 
     async def close(self, timeout: float = 10.0) -> int:
-        """Flush what is queued (bounded by `timeout`), stop polling; returns records left undelivered."""
-        left = await self._loop.run_in_executor(None, self._producer.flush, timeout)
-        self._stop.set()
-        await self._loop.run_in_executor(None, self._thread.join, 5.0)
-        return int(left)
+        """Deliver what is in flight (bounded by `timeout`), then fail what is left; returns that count.
+
+        Records still undelivered by then are purged, which fails their pending sends
+        (503), so no request waits forever and none is answered 202 without an ack.
+        """
+        deadline = self._loop.time() + timeout
+        while self._inflight and self._loop.time() < deadline:
+            await asyncio.sleep(BUSY_POLL_S * 5)
+        left = self._inflight
+        self._closed = True
+        if left:
+            self._producer.purge()
+        self._producer.poll(0)  # deliver the purge reports (and any last acks)
+        await asyncio.sleep(0)
+        self._poller.cancel()
+        return left
 
     def _rebuild(self) -> None:
         """Replace a producer that hit a fatal error (e.g. fenced idempotence state).
@@ -128,36 +165,8 @@ class AsyncProducer:
         old, self._producer = self._producer, Producer(self._config)
         self._fatal = False
         old.purge()
-        old.flush(0)
+        old.poll(0)
         log.warning("replaced the Kafka producer after a fatal error")
-
-    def _resolve(self, batch: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
-        for future, err in batch:
-            if future.done():
-                continue
-            if err is None:
-                future.set_result(None)
-            else:
-                self.delivery_errors += 1
-                self.last_error = err.str()
-                reason = "timeout" if err.code() == KafkaError._MSG_TIMED_OUT else "delivery_failed"
-                future.set_exception(KafkaUnavailable(reason, err.str()))
-
-    # -- poll-thread side ------------------------------------------------------------
-    def _collect(self, future: asyncio.Future[None], err: KafkaError | None) -> None:
-        with self._lock:
-            self._pending.append((future, err))
-
-    def _poll_loop(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.05)
-            with self._lock:
-                batch, self._pending = self._pending, []
-            if batch:
-                try:
-                    self._loop.call_soon_threadsafe(self._resolve, batch)
-                except RuntimeError:  # loop closed during shutdown
-                    return
 
     def _on_error(self, err: KafkaError) -> None:
         self.last_error = err.str()

@@ -1,0 +1,224 @@
+"""The three processing stages as plain functions over records and table-like mappings.
+
+The faust application (`processors.app`) only moves records between topics and hands
+these functions its tables; everything that decides an outcome lives here, where it is
+unit-tested with dicts and replays deterministically.
+
+    raw-postbacks --verify--> dedupe topic (key: dedupe key) --dedupe--> attribute topic
+    (key: click_id) --attribute--> conversions;   clicks --> clicks table (same partitions)
+
+Every receipt ends in exactly one of conversions, rejections or duplicates. Outputs are
+`Output(kind, key, record)` with kind one of `conversion`, `rejection`, `duplicate`,
+`dedupe` (to the dedupe topic), `attribute` (to the attribute topic).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from postback.partners import PartnerConfig
+from processors.attribution import attribute
+from processors.dedupe import check_retry, conversion_id, decide, dedupe_key
+from processors.normalize import Invalid, normalize
+from processors.signing import AuthFailed, authenticate
+
+#: How long a conversion waits for its click to arrive before it is emitted unattributed.
+DEFAULT_LATE_CLICK_WAIT_MS = 10 * 60_000
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str
+    key: str
+    record: dict[str, Any]
+
+
+def _pairs(kvs: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(kv["key"], kv["value"]) for kv in kvs]
+
+
+def rejection(raw: dict[str, Any], reason: str, detail: str, now_ms: int,
+              advertiser_id: str | None = None, event: str | None = None) -> Output:
+    record = {"receipt_id": raw["receipt_id"], "received_at_ms": raw["received_at_ms"], "processed_at_ms": now_ms,
+              "advertiser_id": advertiser_id, "event": event, "reason": reason, "detail": detail[:500], "raw": raw}
+    return Output("rejection", raw["receipt_id"], record)
+
+
+def verify(raw: dict[str, Any], partners: PartnerConfig, now_ms: int) -> Output:
+    """Stage 1: authenticate and normalise one RawPostback. Rejection, or a message for the dedupe stage."""
+    params = _pairs(raw["params"])
+    advertiser_id = next((v for k, v in params if k == "advertiser_id"), None)
+    raw_event = next((v for k, v in params if k == "event"), None)
+    adv = partners.advertiser(advertiser_id) if advertiser_id else None
+    if adv is None:
+        return rejection(raw, "unknown_advertiser", f"advertiser_id {str(advertiser_id)[:64]!r} is not configured",
+                         now_ms, None, raw_event)
+    headers = {kv["key"].lower(): kv["value"] for kv in raw["headers"]}
+    auth = authenticate(adv, params, headers, raw["body"], raw["content_type"], raw["remote_ip"],
+                        raw["received_at_ms"])
+    if isinstance(auth, AuthFailed):
+        return rejection(raw, auth.reason, auth.detail, now_ms, adv.advertiser_id, raw_event)
+    try:
+        n = normalize(params, adv)
+    except Invalid as exc:
+        return rejection(raw, exc.reason, exc.detail, now_ms, adv.advertiser_id, raw_event)
+    if n.offer_id and partners.offer(n.offer_id) is None:
+        return rejection(raw, "unknown_offer", f"offer_id {n.offer_id!r} is not configured", now_ms,
+                         adv.advertiser_id, n.event)
+    key, kind = dedupe_key(n, adv, auth.replay_key)
+    message = {
+        "receipt_id": raw["receipt_id"], "received_at_ms": raw["received_at_ms"], "advertiser_id": n.advertiser_id,
+        "event": n.event, "status": n.status, "sign": n.sign, "click_id": n.click_id, "order_id": n.order_id,
+        "customer_id": n.customer_id, "period": n.period, "offer_id": n.offer_id,
+        "amount": None if n.amount is None else str(n.amount), "currency": n.currency,
+        "event_time_ms": n.event_time_ms, "auth_mode": auth.mode, "extras": [list(p) for p in n.extras],
+        "dedupe_key": key, "kind": kind, "replay_key": f"{n.advertiser_id}|{auth.replay_key}",
+        "replay_window_ms": adv.timestamp_tolerance_ms, "horizon_ms": adv.dedupe_horizon_ms,
+    }
+    return Output("dedupe", key, message)
+
+
+def _conversion(msg: dict[str, Any], version: int, now_ms: int) -> dict[str, Any]:
+    return {
+        "conversion_id": conversion_id(msg["dedupe_key"]), "receipt_id": msg["receipt_id"],
+        "advertiser_id": msg["advertiser_id"], "offer_id": msg["offer_id"], "affiliate_id": None,
+        "campaign_id": None, "click_id": msg["click_id"], "sub1": None, "sub2": None, "sub3": None, "sub4": None,
+        "sub5": None, "event": msg["event"], "status": msg["status"], "order_id": msg["order_id"],
+        "customer_id": msg["customer_id"], "period": msg["period"],
+        "amount": None if msg["amount"] is None else Decimal(msg["amount"]), "currency": msg["currency"],
+        "event_time_ms": msg["event_time_ms"], "received_at_ms": msg["received_at_ms"], "processed_at_ms": now_ms,
+        "clicked_at_ms": None, "attributed": False, "attribution": "no_click_id", "click_to_conversion_s": None,
+        "dedupe_key": msg["dedupe_key"], "version": version, "sign": msg["sign"], "auth_mode": msg["auth_mode"],
+        "extras": [{"key": k, "value": v} for k, v in msg["extras"]],
+    }
+
+
+def dedupe(msg: dict[str, Any], table: MutableMapping[str, Any], partition: int, now_ms: int) -> Output:
+    """Stage 2, on the partition of the dedupe key: retries and repeats become Duplicates.
+
+    Entries remember their partition (`p`) so that expiry, which runs per partition,
+    only deletes keys that partition's changelog owns.
+    """
+    replay_table_key = "r:" + msg["replay_key"]
+    retry, replay_entry = check_retry(table.get(replay_table_key), msg["receipt_id"], msg["received_at_ms"],
+                                      msg["replay_window_ms"])
+    if retry is not None:
+        return _duplicate(msg, retry.first_receipt, retry.reason, now_ms)
+    if replay_entry is not None:
+        table[replay_table_key] = dict(replay_entry, p=partition)
+    table_key = "d:" + msg["dedupe_key"]
+    decision, entry = decide(table.get(table_key), msg["kind"], msg["receipt_id"], msg["status"],
+                             msg["received_at_ms"], msg["horizon_ms"])
+    if entry is not None:
+        table[table_key] = dict(entry, p=partition, h=msg["horizon_ms"])
+    if decision.outcome == "duplicate":
+        return _duplicate(msg, decision.first_receipt, decision.reason, now_ms)
+    conversion = _conversion(msg, decision.version, now_ms)
+    if msg["click_id"]:
+        return Output("attribute", msg["click_id"], conversion)
+    return Output("conversion", conversion["conversion_id"], conversion)
+
+
+def _duplicate(msg: dict[str, Any], first: str, reason: str, now_ms: int) -> Output:
+    record = {"receipt_id": msg["receipt_id"], "first_receipt_id": first, "received_at_ms": msg["received_at_ms"],
+              "processed_at_ms": now_ms, "advertiser_id": msg["advertiser_id"], "event": msg["event"],
+              "order_id": msg["order_id"], "dedupe_key": msg["dedupe_key"], "reason": reason}
+    return Output("duplicate", msg["receipt_id"], record)
+
+
+OfferLookup = Callable[[str | None], Any]
+
+
+def _attributed(conversion: dict[str, Any], click: dict[str, Any] | None, partners: PartnerConfig,
+                now_ms: int) -> Output:
+    offer_id = conversion.get("offer_id") or (click or {}).get("offer_id")
+    out = attribute(conversion, click, partners.offer(offer_id) if offer_id else None)
+    out["processed_at_ms"] = now_ms
+    return Output("conversion", out["conversion_id"], out)
+
+
+def attribute_conversion(conversion: dict[str, Any], clicks: Mapping[str, Any], pending: MutableMapping[str, Any],
+                         partition: int, partners: PartnerConfig, now_ms: int,
+                         wait_ms: int = DEFAULT_LATE_CLICK_WAIT_MS) -> list[Output]:
+    """Stage 3, on the partition of the click ID: attribute now, or wait for a late click."""
+    click_id = conversion["click_id"]
+    click = clicks.get(click_id)
+    if click is not None:
+        return [_attributed(conversion, click, partners, now_ms)]
+    waiting = dict(pending.get(click_id) or {"p": partition, "items": {}})
+    waiting["items"] = dict(waiting["items"])
+    waiting["items"][conversion["receipt_id"]] = {"deadline": now_ms + wait_ms, "conversion": encode_internal(
+        conversion)}
+    pending[click_id] = waiting
+    return []
+
+
+def click_arrived(click: dict[str, Any], clicks: MutableMapping[str, Any], pending: MutableMapping[str, Any],
+                  partners: PartnerConfig, now_ms: int) -> list[Output]:
+    """A click is stored; conversions that waited for it are attributed now."""
+    click_id = click["click_id"]
+    clicks[click_id] = {name: click.get(name) for name in
+                        ("clicked_at_ms", "offer_id", "affiliate_id", "campaign_id", "sub1", "sub2", "sub3",
+                         "sub4", "sub5")}
+    waiting = pending.get(click_id)
+    if not waiting:
+        return []
+    del pending[click_id]
+    return [_attributed(decode_internal(item["conversion"]), clicks[click_id], partners, now_ms)
+            for item in waiting["items"].values()]
+
+
+def expire_pending(pending: MutableMapping[str, Any], partition: int, partners: PartnerConfig,
+                   now_ms: int, limit: int = 10_000) -> list[Output]:
+    """Conversions whose click did not arrive in time are emitted unattributed (`no_click`)."""
+    outputs: list[Output] = []
+    for click_id, waiting in list(pending.items()):
+        if waiting.get("p") != partition:
+            continue
+        due = {r: item for r, item in waiting["items"].items() if item["deadline"] <= now_ms}
+        if not due:
+            continue
+        for item in due.values():
+            outputs.append(_attributed(decode_internal(item["conversion"]), None, partners, now_ms))
+        rest = {r: item for r, item in waiting["items"].items() if r not in due}
+        if rest:
+            pending[click_id] = dict(waiting, items=rest)
+        else:
+            del pending[click_id]
+        if len(outputs) >= limit:
+            break
+    return outputs
+
+
+#: Replay entries matter only within an advertiser's timestamp tolerance (at most a day).
+REPLAY_HORIZON_MS = 86_400_000
+
+
+def expire_dedupe(table: MutableMapping[str, Any], partition: int, now_ms: int, horizon_ms: int,
+                  limit: int = 100_000) -> int:
+    """Drop entries older than their horizon on this partition, so state stays bounded; returns how many."""
+    removed = 0
+    for key, entry in list(table.items()):
+        keep_ms = REPLAY_HORIZON_MS if key.startswith("r:") else int(entry.get("h", horizon_ms))
+        if entry.get("p") == partition and now_ms - int(entry["t"]) > keep_ms:
+            del table[key]
+            removed += 1
+            if removed >= limit:
+                break
+    return removed
+
+
+def encode_internal(record: dict[str, Any]) -> str:
+    """JSON for internal topics and tables; Decimal amounts travel as their exact text."""
+    return json.dumps(record, default=str, separators=(",", ":"))
+
+
+def decode_internal(text: str | bytes) -> dict[str, Any]:
+    record = json.loads(text)
+    if record.get("amount") is not None:
+        record["amount"] = Decimal(record["amount"])
+    return record
