@@ -57,6 +57,10 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
     ("duplicates", ("duplicates", "receipt_id", 3, "Duplicate", False, 30 * _DAY_MS)),
     # Consumed by retention systems; keyed by customer so a customer's events stay ordered.
     ("lifecycle", ("lifecycle", "customer_id, or conversion_id when absent", 6, "Conversion", False, None)),
+    # Internal to the processors (JSON values): repartitioning by dedupe key, then by click_id.
+    # Created up front (not by faust), so a worker never starts subscribed to a missing topic.
+    ("processor_dedupe", ("processor-dedupe", "dedupe key", 6, "internal-json", False, 7 * _DAY_MS)),
+    ("processor_attribute", ("processor-attribute", "click_id", 6, "internal-json", False, 7 * _DAY_MS)),
 )
 
 
@@ -71,6 +75,8 @@ class Topics:
     rejections: TopicSpec = field(init=False)
     duplicates: TopicSpec = field(init=False)
     lifecycle: TopicSpec = field(init=False)
+    processor_dedupe: TopicSpec = field(init=False)
+    processor_attribute: TopicSpec = field(init=False)
 
     def __post_init__(self) -> None:
         for attr, (suffix, key, partitions, schema, compacted, retention_ms) in _LAYOUT:

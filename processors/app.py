@@ -80,8 +80,8 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     raw_in = raw_topic(topics.raw_postbacks.name)
     clicks_in = raw_topic(topics.clicks.name)
-    dedupe_topic = raw_topic(f"{settings.topic_prefix}.processor-dedupe", internal=True)
-    attribute_topic = raw_topic(f"{settings.topic_prefix}.processor-attribute", internal=True)
+    dedupe_topic = raw_topic(topics.processor_dedupe.name, internal=True)
+    attribute_topic = raw_topic(topics.processor_attribute.name, internal=True)
     out_topics = {"conversion": raw_topic(topics.conversions.name), "rejection": raw_topic(topics.rejections.name),
                   "duplicate": raw_topic(topics.duplicates.name), "dedupe": dedupe_topic,
                   "attribute": attribute_topic}

@@ -1,0 +1,131 @@
+"""Real faust processor workers against the session's real Kafka."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from deploy.procs import free_port
+from deploy.providers import KafkaService, unique_name
+from postback.kafka import producer_config
+from postback.topics import Topics, ensure_topics
+from processors.signing import sign_query
+from schemas.codec import Codec, decode_any
+
+SECRET = "demo-secret-k1-0123456789abcdef"
+PARTNERS_TOML = f"""
+[advertisers.demo]
+auth_modes = ["hmac", "token"]
+secrets = {{ k1 = "{SECRET}" }}
+token = "demo-legacy-token-0123456789abcdef"
+[offers.offer-1]
+advertiser_id = "demo"
+attribution_window_days = 7
+"""
+
+
+@dataclass
+class Pipeline:
+    """A topic prefix with its topics, a producer for inputs, and the worker processes."""
+
+    kafka: KafkaService
+    topics: Topics
+    partners: Path
+    tmp: Path
+    producer: Producer
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def start_worker(self, data_dir: Path, late_click_wait: float = 3.0) -> subprocess.Popen[str]:
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers,
+                   POSTBACK_TOPIC_PREFIX=self.topics.prefix, POSTBACK_CONFIG=str(self.partners))
+        log = open(self.tmp / f"worker-{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(data_dir), "--web-port",
+             str(free_port()), "--late-click-wait", str(late_click_wait), "--session-timeout", "6"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def send_raw(self, record: dict, key: str | None = None) -> None:
+        self.producer.produce(self.topics.raw_postbacks.name, Codec.for_record("RawPostback").encode(record),
+                              (key or record["receipt_id"]).encode())
+
+    def send_click(self, click: dict) -> None:
+        self.producer.produce(self.topics.clicks.name, Codec.for_record("Click").encode(click),
+                              click["click_id"].encode())
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+    def outputs(self) -> dict[str, list[tuple[str, dict]]]:
+        """receipt_id -> [(kind, record)] over conversions, rejections and duplicates."""
+        found: dict[str, list[tuple[str, dict]]] = {}
+        for spec in (self.topics.conversions, self.topics.rejections, self.topics.duplicates):
+            for msg in self.kafka.read(spec.name, timeout=60):
+                name, record = decode_any(msg.value())
+                found.setdefault(record["receipt_id"], []).append((name, record))
+        return found
+
+    def wait_for(self, receipts: set[str], timeout: float = 120.0) -> dict[str, list[tuple[str, dict]]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.outputs()
+            if receipts <= set(found):
+                return found
+            for proc in self.procs:
+                if proc.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
+                    raise AssertionError(f"worker exited with {proc.returncode}: {self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(receipts - set(found))} of {len(receipts)} receipts have no output "
+                                     f"after {timeout}s; worker logs:\n{self.logs()[-3000:]}")
+            time.sleep(1.0)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp.glob("worker-*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def pipeline(kafka: KafkaService, tmp_path: Path) -> Iterator[Pipeline]:
+    topics = Topics(unique_name("pt"))
+    ensure_topics(kafka.admin(), topics)
+    partners = tmp_path / "partners.toml"
+    partners.write_text(PARTNERS_TOML)
+    producer = Producer(producer_config(kafka.bootstrap_servers, 30.0))
+    pipe = Pipeline(kafka, topics, partners, tmp_path, producer)
+    yield pipe
+    pipe.stop_all()
+
+
+def raw_postback(params: list[tuple[str, str]], receipt: str, received_at_ms: int, sign: bool = True) -> dict:
+    if sign:
+        params = sign_query(params, SECRET, received_at_ms // 1000, "k1")
+    return {"receipt_id": receipt, "received_at_ms": received_at_ms, "remote_ip": "127.0.0.1", "method": "GET",
+            "path": "/postback", "content_type": None, "params": [{"key": k, "value": v} for k, v in params],
+            "body": b"", "headers": [], "ingester_id": "test"}
+
+
+def click(click_id: str, clicked_at_ms: int, affiliate: str = "aff-1") -> dict:
+    return {"click_id": click_id, "clicked_at_ms": clicked_at_ms, "offer_id": "offer-1", "affiliate_id": affiliate,
+            "campaign_id": None, "sub1": "s1", "sub2": None, "sub3": None, "sub4": None, "sub5": None, "ip": None,
+            "user_agent": None, "referer": None, "source": "redirect", "extras": []}

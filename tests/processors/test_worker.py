@@ -1,0 +1,100 @@
+"""The faust workers end to end on the real broker: every receipt gets exactly one outcome."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import signal
+import time
+
+from .conftest import Pipeline, click, raw_postback
+
+
+def test_outcomes_attribution_late_and_missing_clicks(pipeline: Pipeline, tmp_path) -> None:
+    now = int(time.time() * 1000)
+    pipeline.send_click(click("C1", now - 60_000, "aff-7"))
+    base = [("advertiser_id", "demo"), ("event", "purchase"), ("click_id", "C1"), ("order_id", "O1"),
+            ("amount", "10.50"), ("currency", "USD"), ("status", "pending")]
+    pipeline.send_raw(raw_postback(base, "R-first", now), key="C1")
+    pipeline.send_raw(raw_postback(base, "R-retry", now), key="C1")  # identical signed request
+    pipeline.send_raw(raw_postback(base, "R-repeat", now + 2000), key="C1")  # re-signed repeat
+    approved = [p if p[0] != "status" else ("status", "approved") for p in base]
+    pipeline.send_raw(raw_postback(approved, "R-approved", now + 3000), key="C1")
+    pipeline.send_raw(raw_postback(base[:2] + [("order_id", "O2"), ("ts", str(now // 1000)), ("sig", "0" * 64)],
+                                   "R-forged", now, sign=False))
+    pipeline.send_raw(raw_postback([("advertiser_id", "demo"), ("event", "lead"), ("click_id", "LATE")],
+                                   "R-late", now), key="LATE")
+    pipeline.send_raw(raw_postback([("advertiser_id", "demo"), ("event", "lead"), ("click_id", "NEVER")],
+                                   "R-never", now), key="NEVER")
+    pipeline.flush()
+    pipeline.start_worker(tmp_path / "w0", late_click_wait=4.0)
+    time.sleep(1.0)
+    pipeline.send_click(click("LATE", now - 1000))
+    pipeline.flush()
+
+    out = pipeline.wait_for({"R-first", "R-retry", "R-repeat", "R-approved", "R-forged", "R-late", "R-never"})
+    one = {receipt: records[0] for receipt, records in out.items()}
+    assert all(len(set(r["receipt_id"] for _, r in records)) == 1 for records in out.values())
+    kind, first = one["R-first"]
+    assert kind == "Conversion" and first["attributed"] and first["affiliate_id"] == "aff-7"
+    assert first["version"] == 1 and first["status"] == "pending"
+    assert one["R-retry"][0] == "Duplicate" and one["R-retry"][1]["reason"] == "retry"
+    assert one["R-repeat"][0] == "Duplicate" and one["R-repeat"][1]["reason"] == "order_repeat"
+    kind, upd = one["R-approved"]
+    assert kind == "Conversion" and upd["version"] == 2 and upd["conversion_id"] == first["conversion_id"]
+    assert one["R-forged"][0] == "Rejection" and one["R-forged"][1]["reason"] == "bad_signature"
+    assert one["R-late"][1]["attribution"] == "attributed"
+    assert one["R-never"][1]["attribution"] == "no_click"
+
+
+def _workload(pipeline: Pipeline, orders: int, now: int) -> tuple[set[str], dict[str, str]]:
+    """`orders` purchases plus 10% repeats; returns (all receipts, receipt -> order)."""
+    receipts: set[str] = set()
+    order_of: dict[str, str] = {}
+    for i in range(orders):
+        cid = f"CK{i}"
+        if i % 2 == 0:
+            pipeline.send_click(click(cid, now - 10_000))
+        params = [("advertiser_id", "demo"), ("event", "purchase"), ("click_id", cid), ("order_id", f"ORD{i}"),
+                  ("amount", f"{i % 50}.25"), ("currency", "USD")]
+        receipt = f"R{i:06d}"
+        pipeline.send_raw(raw_postback(params, receipt, now + i), key=cid)
+        receipts.add(receipt)
+        order_of[receipt] = f"ORD{i}"
+        if i % 10 == 0:  # a repeat, re-signed later: must become a Duplicate
+            repeat = f"RR{i:06d}"
+            pipeline.send_raw(raw_postback(params, repeat, now + orders + i), key=cid)
+            receipts.add(repeat)
+            order_of[repeat] = f"ORD{i}"
+    pipeline.flush()
+    return receipts, order_of
+
+
+def _assert_exactly_once(out: dict, receipts: set[str], order_of: dict[str, str], orders: int) -> None:
+    assert set(out) == receipts
+    for receipt, records in out.items():
+        distinct = {(kind, rec.get("conversion_id"), rec.get("version"), rec.get("reason")) for kind, rec in records}
+        assert len(distinct) == 1, f"{receipt} has different outcomes: {distinct}"
+    conversions = {rec["conversion_id"]: rec for records in out.values() for kind, rec in records
+                   if kind == "Conversion"}
+    per_order = collections.Counter(rec["order_id"] for rec in conversions.values())
+    assert len(per_order) == orders and set(per_order.values()) == {1}
+    duplicates = {r for r, records in out.items() if records[0][0] == "Duplicate"}
+    assert duplicates == {r for r in receipts if r.startswith("RR")}
+
+
+def test_sigkill_mid_stream_then_restart_with_wiped_state(pipeline: Pipeline, tmp_path) -> None:
+    orders = 3000
+    receipts, order_of = _workload(pipeline, orders, int(time.time() * 1000))
+    data = tmp_path / "state"
+    worker = pipeline.start_worker(data, late_click_wait=2.0)
+    deadline = time.monotonic() + 120
+    while len(pipeline.outputs()) < len(receipts) // 4:
+        assert time.monotonic() < deadline, pipeline.logs()
+        time.sleep(0.3)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    shutil.rmtree(data)  # local RocksDB gone: tables must come back from their changelogs
+    pipeline.start_worker(data, late_click_wait=2.0)
+    out = pipeline.wait_for(receipts, timeout=240)
+    _assert_exactly_once(out, receipts, order_of, orders)
