@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,6 +79,7 @@ class Ingester:
         self.click_codec = Codec.for_record("Click")
         self.postback_codec = Codec.for_record("RawPostback")
         self.producer: AsyncProducer | None = None
+        self._clients = threading.local()
         self.metrics = IngestMetrics(lambda: self.producer.queue_depth() if self.producer else 0)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -243,6 +245,31 @@ class Ingester:
             return failure
         return _json(202, {"status": "accepted", "receipt_id": receipt_id})
 
+    async def receipt(self, request: web.Request) -> web.Response:
+        """A receipt's outcome from ClickHouse, for partners debugging their postbacks."""
+        if not self.opts.clickhouse_url:
+            return _json(503, {"status": "unavailable", "reason": "lookup_not_configured"})
+        receipt_id = request.match_info["receipt_id"]
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(None, self._lookup, receipt_id)
+        except Exception as exc:  # noqa: BLE001 - ClickHouse down or failing: say so, keep serving
+            log.warning("receipt lookup failed: %s", exc)
+            return _json(503, {"status": "unavailable", "reason": "lookup_failed"},
+                         headers={"Retry-After": str(self.opts.retry_after_s)})
+        return _json(404 if answer["status"] == "unknown" else 200, answer)
+
+    def _lookup(self, receipt_id: str) -> dict[str, Any]:
+        from sinks.queries import receipt_outcome
+
+        client = getattr(self._clients, "client", None)
+        if client is None:  # clickhouse-connect clients are session-bound: one per executor thread
+            import clickhouse_connect
+
+            client = clickhouse_connect.get_client(dsn=self.opts.clickhouse_url,
+                                                   database=self.opts.clickhouse_database)
+            self._clients.client = client
+        return receipt_outcome(client, receipt_id)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
@@ -290,6 +317,7 @@ def build_app(ingester: Ingester) -> web.Application:
     app.router.add_post("/clicks", ingester.bulk_clicks)
     app.router.add_get("/postback", ingester.postback, allow_head=False)
     app.router.add_post("/postback", ingester.postback)
+    app.router.add_get("/postback/receipts/{receipt_id}", ingester.receipt)
     app.router.add_get("/healthz", ingester.healthz)
     app.router.add_get("/readyz", ingester.readyz)
     app.router.add_get("/metrics", ingester.metrics_text)

@@ -28,8 +28,19 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     opts = IngestOptions(host=args.host, port=args.port, workers=args.workers,
                          max_body_bytes=args.max_body_bytes, delivery_timeout_s=args.delivery_timeout,
-                         body_read_timeout_s=args.body_read_timeout, create_topics=not args.no_create_topics)
+                         body_read_timeout_s=args.body_read_timeout, create_topics=not args.no_create_topics,
+                         clickhouse_url=_lookup_url(settings), clickhouse_database=args.clickhouse_database)
     return serve(opts, settings, kafka_bootstrap(settings))
+
+
+def _lookup_url(settings: Settings) -> str | None:
+    """ClickHouse for receipt lookups: CLICKHOUSE_URL or the stack's server (never the embedded engine,
+    whose data directory belongs to the sink process)."""
+    if settings.clickhouse_url:
+        return None if settings.clickhouse_url.startswith("chdb:") else settings.clickhouse_url
+    from deploy.stack import Stack
+
+    return Stack(settings).endpoints()["clickhouse"]
 
 
 def _pairs(values: list[str]) -> list[tuple[str, str]]:
@@ -89,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for Kafka's acknowledgement before answering 503 (default 5)")
     p.add_argument("--body-read-timeout", type=float, default=10.0,
                    help="seconds a client may take to send its body before 408 (default 10)")
+    p.add_argument("--clickhouse-database", default="postback", help="database for receipt lookups")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     p.set_defaults(handler=_ingest)
 

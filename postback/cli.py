@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cli.register(sub)
     processors_cli.register(sub)
     sign_cli.register(sub)
+    from sinks import cli as sinks_cli
+
+    sinks_cli.register(sub)
+    sinks_cli.register_trace(sub)
     demo.register(sub)
     return parser
 

@@ -80,6 +80,9 @@ class IngestOptions:
     create_topics: bool = True
     #: Graceful-shutdown budget: in-flight requests and the producer flush share it.
     shutdown_timeout_s: float = 15.0
+    #: Where `GET /postback/receipts/{id}` looks outcomes up (None: lookup answers 503).
+    clickhouse_url: str | None = None
+    clickhouse_database: str = "postback"
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,19 @@ class ProcessOptions:
     commit_interval_s: float = 0.5
     #: How often expired dedupe entries are removed (state stays bounded by the horizon).
     dedupe_cleanup_interval_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    """The ClickHouse writer and lifecycle router; `postback sink` flags map onto these."""
+
+    database: str = "postback"
+    #: A batch is inserted when it holds this many rows or is this old, whichever comes first.
+    max_rows: int = 10_000
+    max_age_s: float = 1.0
+    #: Backoff while ClickHouse is down: consumption pauses, memory stays bounded by one batch.
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 15.0
+    session_timeout_s: float = 10.0
+    #: Prometheus metrics on 127.0.0.1:PORT (0 = off).
+    metrics_port: int = 0

@@ -55,8 +55,16 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
     ("conversions", ("conversions", "conversion_id", 6, "Conversion", True, None)),
     ("rejections", ("rejections", "receipt_id", 3, "Rejection", False, 30 * _DAY_MS)),
     ("duplicates", ("duplicates", "receipt_id", 3, "Duplicate", False, 30 * _DAY_MS)),
-    # Consumed by retention systems; keyed by customer so a customer's events stay ordered.
-    ("lifecycle", ("lifecycle", "customer_id, or conversion_id when absent", 6, "Conversion", False, None)),
+    # Consumed by retention systems, one topic per event family, written transactionally
+    # by the lifecycle router; keyed by customer so one customer's events stay ordered.
+    ("lifecycle_acquisition", ("lifecycle.acquisition", "customer_id, else order_id, else conversion_id", 6,
+                               "Conversion", False, None)),
+    ("lifecycle_purchase", ("lifecycle.purchase", "customer_id, else order_id, else conversion_id", 6,
+                            "Conversion", False, None)),
+    ("lifecycle_subscription", ("lifecycle.subscription", "customer_id, else order_id, else conversion_id", 6,
+                                "Conversion", False, None)),
+    ("lifecycle_reversal", ("lifecycle.reversal", "customer_id, else order_id, else conversion_id", 6,
+                            "Conversion", False, None)),
     # Internal to the processors (JSON values): repartitioning by dedupe key, then by click_id.
     # Created up front (not by faust), so a worker never starts subscribed to a missing topic.
     ("processor_dedupe", ("processor-dedupe", "dedupe key", 6, "internal-json", False, 7 * _DAY_MS)),
@@ -74,7 +82,10 @@ class Topics:
     conversions: TopicSpec = field(init=False)
     rejections: TopicSpec = field(init=False)
     duplicates: TopicSpec = field(init=False)
-    lifecycle: TopicSpec = field(init=False)
+    lifecycle_acquisition: TopicSpec = field(init=False)
+    lifecycle_purchase: TopicSpec = field(init=False)
+    lifecycle_subscription: TopicSpec = field(init=False)
+    lifecycle_reversal: TopicSpec = field(init=False)
     processor_dedupe: TopicSpec = field(init=False)
     processor_attribute: TopicSpec = field(init=False)
 

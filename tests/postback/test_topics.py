@@ -19,7 +19,10 @@ def test_default_names():
         "postback.conversions",
         "postback.rejections",
         "postback.duplicates",
-        "postback.lifecycle",
+        "postback.lifecycle.acquisition",
+        "postback.lifecycle.purchase",
+        "postback.lifecycle.subscription",
+        "postback.lifecycle.reversal",
         "postback.processor-dedupe",
         "postback.processor-attribute",
     ]
@@ -29,13 +32,13 @@ def test_default_names():
 def test_prefix():
     topics = Topics("staging.pb")
     assert all(t.name.startswith("staging.pb.") for t in topics.all())
-    assert topics.lifecycle.name == "staging.pb.lifecycle"
+    assert topics.lifecycle_reversal.name == "staging.pb.lifecycle.reversal"
     assert Topics("staging.pb") == topics
-    # The longest name sets the limit: 229 + len(".processor-attribute") == 249, Kafka's limit.
-    assert Topics("x" * 229).processor_attribute.name == "x" * 229 + ".processor-attribute"
+    # The longest name sets the limit: 226 + len(".lifecycle.subscription") == 249, Kafka's limit.
+    assert Topics("x" * 226).lifecycle_subscription.name == "x" * 226 + ".lifecycle.subscription"
 
 
-@pytest.mark.parametrize("prefix", ["", "has space", "slash/ed", "ü", "x" * 230])
+@pytest.mark.parametrize("prefix", ["", "has space", "slash/ed", "ü", "x" * 227])
 def test_illegal_prefix(prefix):
     with pytest.raises(ValueError):
         Topics(prefix)
@@ -50,7 +53,8 @@ def test_layout():
         "conversions": ("conversion_id", 6, "Conversion"),
         "rejections": ("receipt_id", 3, "Rejection"),
         "duplicates": ("receipt_id", 3, "Duplicate"),
-        "lifecycle": ("customer_id, or conversion_id when absent", 6, "Conversion"),
+        **{f"lifecycle.{family}": ("customer_id, else order_id, else conversion_id", 6, "Conversion")
+           for family in ("acquisition", "purchase", "subscription", "reversal")},
         "processor-dedupe": ("dedupe key", 6, "internal-json"),
         "processor-attribute": ("click_id", 6, "internal-json"),
     }

@@ -7,6 +7,8 @@ import shutil
 import signal
 import time
 
+import pytest
+
 from .conftest import Pipeline, click, raw_postback
 
 
@@ -83,7 +85,8 @@ def _assert_exactly_once(out: dict, receipts: set[str], order_of: dict[str, str]
     assert duplicates == {r for r in receipts if r.startswith("RR")}
 
 
-def test_sigkill_mid_stream_then_restart_with_wiped_state(pipeline: Pipeline, tmp_path) -> None:
+@pytest.mark.parametrize("state", ["kept", "wiped"])
+def test_sigkill_mid_stream_then_restart(pipeline: Pipeline, tmp_path, state: str) -> None:
     orders = 3000
     receipts, order_of = _workload(pipeline, orders, int(time.time() * 1000))
     data = tmp_path / "state"
@@ -94,7 +97,8 @@ def test_sigkill_mid_stream_then_restart_with_wiped_state(pipeline: Pipeline, tm
         time.sleep(0.3)
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
-    shutil.rmtree(data)  # local RocksDB gone: tables must come back from their changelogs
+    if state == "wiped":
+        shutil.rmtree(data)  # local RocksDB gone: tables must come back from their changelogs
     pipeline.start_worker(data, late_click_wait=2.0)
     out = pipeline.wait_for(receipts, timeout=240)
     _assert_exactly_once(out, receipts, order_of, orders)
