@@ -117,3 +117,6 @@ class SinkOptions:
     session_timeout_s: float = 10.0
     #: Prometheus metrics on 127.0.0.1:PORT (0 = off).
     metrics_port: int = 0
+    #: Fault injection for tests: die (exit 86) after the first insert, before committing offsets.
+    #: Set from POSTBACK_SINK_FAULT=crash-after-insert; never set in production.
+    crash_after_insert: bool = False

@@ -36,12 +36,13 @@ from functools import cache
 from io import BytesIO
 from typing import Any
 
-from fastavro import schemaless_reader, schemaless_writer
+from fastavro import schemaless_reader
 from fastavro.repository import AbstractSchemaRepository, SchemaRepositoryError
 from fastavro.schema import UnknownType, fingerprint, load_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 from schemas import SCHEMA_DIR
+from schemas.fastwriter import compile_writer
 
 __all__ = [
     "MARKER",
@@ -137,7 +138,7 @@ class Codec:
     (8 bytes, CRC-64-AVRO little-endian, as on the wire).
     """
 
-    __slots__ = ("name", "schema", "canonical_form", "fingerprint", "_reader_schema", "_header")
+    __slots__ = ("name", "schema", "canonical_form", "fingerprint", "_reader_schema", "_header", "_write")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -150,6 +151,8 @@ class Codec:
         # fastavro returns the 8 fingerprint bytes in little-endian order, as hex.
         self.fingerprint: bytes = bytes.fromhex(fingerprint(self.canonical_form, "CRC-64-AVRO"))
         self._header = MARKER + self.fingerprint
+        # Byte-identical to fastavro's schemaless_writer, ~4x faster (schemas/fastwriter.py).
+        self._write = compile_writer(self.schema, prefix=self._header)
 
     @classmethod
     def for_record(cls, name: str) -> Codec:
@@ -169,10 +172,7 @@ class Codec:
         fastavro's writer would otherwise coerce silently instead of failing.
         """
         if not validated:
-            out = BytesIO()
-            out.write(self._header)
-            schemaless_writer(out, self.schema, record)
-            return out.getvalue()
+            return self._write(record)
         try:
             validate(record, self.schema, raise_errors=True)
         except ValidationError as exc:
@@ -180,10 +180,7 @@ class Codec:
         except (ValueError, TypeError) as exc:  # e.g. a decimal with more places than the scale
             field = self._blame(record)
             raise InvalidRecord(f"invalid {self.name} record: field {field}: {exc}", field) from exc
-        out = BytesIO()
-        out.write(self._header)
-        schemaless_writer(out, self.schema, record)
-        return out.getvalue()
+        return self._write(record)
 
     def decode(self, data: bytes) -> dict[str, Any]:
         """Decode a message written with exactly this schema.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from postback.config import Settings, SinkOptions
 
@@ -11,7 +12,8 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
     from sinks.service import clickhouse_url, migrate, serve
 
     opts = SinkOptions(database=args.database, max_rows=args.batch_rows, max_age_s=args.batch_seconds,
-                       metrics_port=args.metrics_port)
+                       metrics_port=args.metrics_port,
+                       crash_after_insert=os.environ.get("POSTBACK_SINK_FAULT") == "crash-after-insert")
     if args.action == "migrate":
         applied = migrate(clickhouse_url(settings), args.database)
         print(f"applied migrations: {applied or 'none (up to date)'}")

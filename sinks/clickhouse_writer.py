@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from schemas.codec import CodecError, decode_any
 from sinks.rows import COLUMNS, ROWS_BY_SCHEMA
 
 log = logging.getLogger("sinks.clickhouse")
+
+INSERT_ORDER = ("clicks", "conversions", "rejections", "duplicates", "postback_outcomes")
 
 
 class SinkMetrics:
@@ -132,8 +135,12 @@ class ClickHouseWriter:
         return self._client
 
     def _insert(self) -> None:
+        """Detail tables first, `postback_outcomes` last: an outcome row implies its detail row exists."""
         client = self._client_or_new()
-        for table, rows in self.batch.rows.items():
+        for table in INSERT_ORDER:
+            rows = self.batch.rows.get(table)
+            if not rows:
+                continue
             columns = [list(col) for col in zip(*rows)]
             client.insert(table, columns, column_names=COLUMNS[table], column_oriented=True,
                           settings={"insert_deduplication_token": self.batch.token(table)})
@@ -164,6 +171,9 @@ class ClickHouseWriter:
                 delay = min(delay * 2, self.opts.retry_max_s)
                 if not self.batch.messages:  # a rebalance took the partitions (and the batch) away
                     return True
+        if self.opts.crash_after_insert:
+            log.error("fault injection: exiting after the insert, before the commit")
+            os._exit(86)
         for table, rows in self.batch.rows.items():
             self.metrics.rows.labels(table).inc(len(rows))
         self.consumer.commit(offsets=self.batch.offsets(), asynchronous=False)

@@ -196,7 +196,7 @@ SELECT
     conversion_id, version, receipt_id, advertiser_id, offer_id, affiliate_id, campaign_id, click_id,
     {_SUB_COLS},
     event, status, order_id, customer_id, period,
-    amount, currency, sign, signed_amount, sign < 0 AS is_reversal,
+    amount, currency, sign, signed_amount, toBool(sign < 0) AS is_reversal,
     event_time, received_at, processed_at, clicked_at,
     coalesce(event_time, received_at) AS reported_at,
     attributed, attribution, click_to_conversion_s, dedupe_key, auth_mode, extras, inserted_at

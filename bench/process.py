@@ -1,0 +1,798 @@
+"""Processor throughput, memory and correctness: one faust worker against a real Kafka.
+
+What it answers: how many raw postbacks per second one processor worker
+(`python -m postback.cli process`) turns into conversions, rejections and duplicates,
+how much memory it takes, whether every receipt got exactly the outcome it should, and
+how that throughput compares with a bare confluent-kafka consume -> produce loop over
+the same records on the same broker in the same run.
+
+How:
+
+1. Kafka from `deploy.providers.kafka_service` (`KAFKA_BOOTSTRAP_SERVERS` if set, else a
+   local Apache Kafka in a temp dir); a `bench_<hex>` topic prefix; `ensure_topics`.
+2. The input is written *before* the worker starts, with the project's producer settings
+   (`postback.kafka.producer_config`: murmur2_random, so partitions match the ingester's
+   and faust's), and flushed:
+   - clicks for every `valid` postback (so the click precedes its conversion),
+   - N raw postbacks as the ingester writes them (POST form body, keyed by click_id),
+     shuffled, with the `--mix` of kinds:
+       valid          a purchase with a unique order id, HMAC query-signed (ts, kid, sig);
+       duplicate      a repeat of an earlier valid order, re-signed later (another ts, so
+                      another replay key): must become a Duplicate (`order_repeat`);
+       bad_signature  a forged sig (64 random hex digits): must become a Rejection;
+       late_click     like valid, but its click is written to the clicks topic only
+                      after all raw postbacks, so it may reach the worker after the
+                      conversion (then the conversion waits up to --late-click-wait).
+3. One worker subprocess is started and timed from `Popen` until the records in
+   conversions + rejections + duplicates reach N (sum of high watermarks, polled every
+   0.2 s with one long-lived consumer). Also reported: the time from its first output
+   record (start-up, group join and table recovery excluded), faust's "Ready" when it
+   is logged, its CPU use, and its peak RSS (process tree, sampled 5 times a second).
+   Then SIGTERM: it must exit 0.
+4. Correctness: every output record is read back. Each receipt must have exactly one
+   distinct outcome (identical repeats would be allowed by at-least-once, and are
+   counted); one conversion per valid/late_click order; the duplicates are exactly the
+   `duplicate` receipts; the rejections exactly the `bad_signature` ones.
+5. Baseline, in the same run after the worker stopped: `bench/bare_forwarder.py` reads the
+   same raw-postbacks topic in a fresh group and writes every record unchanged to a
+   scratch topic; timed from `Popen` to its last record acknowledged. The report's
+   `ratio` is worker events/s / baseline events/s.
+
+Optional `--profile`: py-spy samples the worker (non-blocking) from its first output to
+the end of the timed run and the report lists the top self-time frames. Sampling costs
+the worker some CPU on a small host, so profile in a separate run from the one you quote.
+
+Progress and a summary go to stderr; stdout carries exactly one JSON document, also
+written to `--json-out`. Exit status: 0 when the outcomes were correct and the worker
+exited 0 on SIGTERM, 1 otherwise, 130 on Ctrl-C/SIGTERM (everything started is stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / "bench"
+# As in bench/ingest.py: bench/ must not shadow the repository's packages.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+
+from bench.ingest import (  # noqa: E402
+    RssSampler,
+    host_cpu_ticks,
+    host_info,
+    log,
+    mb,
+    positive_int,
+    settled_count,
+    sigterm_as_interrupt,
+    tree_cpu_s,
+)
+from deploy.procs import die_with_parent, free_port, tail  # noqa: E402
+from deploy.providers import KafkaService, kafka_service, unique_name  # noqa: E402
+from postback.config import Settings  # noqa: E402
+from postback.topics import Topics, ensure_topics  # noqa: E402
+
+FORWARDER = BENCH_DIR / "bare_forwarder.py"
+DEFAULT_JSON_OUT = BENCH_DIR / "results" / "process.json"
+KINDS = ("valid", "duplicate", "bad_signature", "late_click")
+DEFAULT_MIX = "valid=0.8,duplicate=0.1,bad_signature=0.05,late_click=0.05"
+ADVERTISER = "bench"
+KEY_ID = "k1"
+SECRET = "bench-secret-k1-0123456789abcdef"
+OFFER = "offer-1"
+PARTNERS_TOML = f"""
+[advertisers.{ADVERTISER}]
+auth_modes = ["hmac"]
+secrets = {{ {KEY_ID} = "{SECRET}" }}
+timestamp_tolerance_s = 300
+[offers.{OFFER}]
+advertiser_id = "{ADVERTISER}"
+attribution_window_days = 7
+"""
+FORM = "application/x-www-form-urlencoded"
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+READY = re.compile(r"\bReady\b")
+STARTED = re.compile(r"processor worker \d+ started")
+POLL_S = 0.2
+
+
+# -- the workload ---------------------------------------------------------------------
+def parse_mix(text: str) -> dict[str, float]:
+    """`valid=0.8,duplicate=0.1,...` -> fractions of the four kinds (missing kinds: 0); they must sum to 1."""
+    mix = dict.fromkeys(KINDS, 0.0)
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in KINDS:
+            raise argparse.ArgumentTypeError(f"expected KIND=FRACTION with KIND in {', '.join(KINDS)}, got {part!r}")
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: not a number: {value!r}") from None
+        if mix[name] < 0:
+            raise argparse.ArgumentTypeError(f"{name}: must be >= 0")
+    total = sum(mix.values())
+    if abs(total - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"fractions must sum to 1, got {total:g}")
+    if mix["duplicate"] > 0 and mix["valid"] == 0:
+        raise argparse.ArgumentTypeError("duplicate needs valid > 0 (a duplicate repeats an earlier valid order)")
+    return mix
+
+
+def mix_counts(mix: dict[str, float], n: int) -> dict[str, int]:
+    """Whole counts summing to `n` (largest remainder)."""
+    exact = {k: mix[k] * n for k in KINDS}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(KINDS, key=lambda k: exact[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+@dataclass
+class Workload:
+    """Everything written to Kafka before the worker starts, and what each receipt must become."""
+
+    counts: dict[str, int]
+    raw: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value), in topic order
+    clicks_first: list[tuple[bytes, bytes]] = field(default_factory=list)
+    clicks_last: list[tuple[bytes, bytes]] = field(default_factory=list)
+    kind_of: dict[str, str] = field(default_factory=dict)  # receipt -> kind
+    order_of: dict[str, str] = field(default_factory=dict)  # receipt -> order id (valid, late_click, duplicate)
+    raw_bytes: int = 0
+
+
+def build_workload(n: int, mix: dict[str, float], seed: int, tag: str) -> Workload:
+    from processors.signing import sign_query
+    from schemas.codec import Codec
+
+    rng = random.Random(seed)
+    raw_codec, click_codec = Codec.for_record("RawPostback"), Codec.for_record("Click")
+
+    def ulid_like() -> str:  # 26 Crockford base32 characters, the first one 0-7, like a ULID
+        return rng.choice(CROCKFORD[:8]) + "".join(rng.choices(CROCKFORD, k=25))
+
+    counts = mix_counts(mix, n)
+    kinds = [k for k in KINDS for _ in range(counts[k])]
+    rng.shuffle(kinds)
+    first_valid = kinds.index("valid") if "valid" in kinds else len(kinds)
+    for i, kind in enumerate(kinds[:first_valid]):  # a duplicate needs an earlier valid order
+        if kind == "duplicate":
+            kinds[i], kinds[first_valid] = "valid", "duplicate"
+            first_valid = i
+            break
+
+    # One receipt second per postback, all in the past: ts (and so the replay key) of a
+    # re-signed repeat always differs from its original's, and no timestamp is stale
+    # (tolerance is checked against the ingester's receipt time, not the clock).
+    base_ms = (int(time.time()) - n - 120) * 1000
+    clicked_at_ms = base_ms - 60_000
+    work = Workload(counts)
+    valid_orders: list[tuple[str, str, str]] = []  # (click_id, order_id, amount)
+
+    def click(click_id: str) -> tuple[bytes, bytes]:
+        record = {"click_id": click_id, "clicked_at_ms": clicked_at_ms, "offer_id": OFFER,
+                  "affiliate_id": f"aff-{rng.randrange(50)}", "campaign_id": None, "sub1": "s1", "sub2": None,
+                  "sub3": None, "sub4": None, "sub5": None, "ip": "203.0.113.9", "user_agent": "Mozilla/5.0",
+                  "referer": None, "source": "redirect", "extras": []}
+        return click_id.encode(), click_codec.encode(record)
+
+    for i, kind in enumerate(kinds):
+        received_at_ms = base_ms + i * 1000 + rng.randrange(1000)
+        receipt = ulid_like()
+        if kind == "duplicate":
+            click_id, order_id, amount = rng.choice(valid_orders)
+        else:
+            click_id, order_id, amount = ulid_like(), f"ORD-{tag}-{i}", f"{rng.randrange(1, 500)}.{rng.randrange(100):02d}"
+        params = [("advertiser_id", ADVERTISER), ("event", "purchase"), ("click_id", click_id),
+                  ("order_id", order_id), ("amount", amount), ("currency", "USD")]
+        params = sign_query(params, SECRET, received_at_ms // 1000, KEY_ID)
+        if kind == "bad_signature":
+            params[-1] = ("sig", f"{rng.getrandbits(256):064x}")
+        body = urlencode(params).encode()
+        record = {"receipt_id": receipt, "received_at_ms": received_at_ms, "remote_ip": "198.51.100.7",
+                  "method": "POST", "path": "/postback", "content_type": FORM,
+                  "params": [{"key": k, "value": v} for k, v in params], "body": body, "headers": [],
+                  "ingester_id": "bench"}
+        value = raw_codec.encode(record)
+        work.raw.append((click_id.encode(), value))  # keyed by click_id, as the ingester does
+        work.raw_bytes += len(value)
+        work.kind_of[receipt] = kind
+        if kind != "bad_signature":
+            work.order_of[receipt] = order_id
+        if kind == "valid":
+            valid_orders.append((click_id, order_id, amount))
+            work.clicks_first.append(click(click_id))
+        elif kind == "late_click":
+            work.clicks_last.append(click(click_id))
+    return work
+
+
+def produce_all(bootstrap: str, topics: Topics, work: Workload) -> float:
+    """Clicks of valid postbacks, then the raw postbacks, then the late clicks; flushed. Returns seconds."""
+    from confluent_kafka import Producer
+
+    from postback.kafka import producer_config
+
+    started = time.monotonic()
+    producer = Producer(producer_config(bootstrap, delivery_timeout_s=60.0))
+    failed: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed.append(str(err))
+
+    for topic, records in ((topics.clicks.name, work.clicks_first), (topics.raw_postbacks.name, work.raw),
+                           (topics.clicks.name, work.clicks_last)):
+        for key, value in records:
+            while True:
+                try:
+                    producer.produce(topic, value, key, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+    left = producer.flush(120)
+    if left or failed:
+        raise RuntimeError(f"pre-fill: {left} records unflushed, {len(failed)} failed: {failed[:3]}")
+    return time.monotonic() - started
+
+
+# -- measuring ------------------------------------------------------------------------
+class TopicCounter:
+    """Records per group of topics: the sum of their partitions' high watermarks, as
+    `KafkaService.count` computes it, but with one long-lived consumer so that polling
+    five times a second costs the host (and the worker under test) next to nothing."""
+
+    def __init__(self, bootstrap: str, groups: dict[str, Sequence[str]]) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("bench-count")})
+        self._parts: dict[str, list[Any]] = {}
+        for group, topics in groups.items():
+            self._parts[group] = []
+            for topic in topics:
+                meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
+                self._parts[group] += [TopicPartition(topic, p) for p in meta.partitions]
+
+    def totals(self) -> dict[str, int]:
+        return {group: sum(self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1] for tp in parts)
+                for group, parts in self._parts.items()}
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class Child:
+    """A subprocess in its own session (Ctrl-C reaches only the benchmark, which stops it
+    deliberately) that dies with the benchmark even if that is SIGKILLed."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
+                 stdout_pipe: bool = False) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.started = time.monotonic()
+        with open(log_path, "wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE if stdout_pipe else out,
+                                         stderr=out if stdout_pipe else subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=die_with_parent)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited early with {self.proc.returncode}:\n{tail(self.log_path)}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Signal and wait; SIGKILL the process group only if it does not exit in time.
+        Idempotent; returns the exit code (negative: killed by that signal)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not exit {timeout:.0f}s after signal {sig}: SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def _frame_function(frame: str) -> str:
+    """py-spy raw frame `fn (path/file.py:123)` -> `fn (path/file.py)`."""
+    return re.sub(r":\d+\)$", ")", frame)
+
+
+def _frame_package(frame: str) -> str:
+    """`fn (faust/streams.py)` -> `faust`; `fn (<frozen runpy>)` -> `<frozen runpy>`."""
+    found = re.search(r"\(([^()]*)\)$", frame)
+    where = found[1] if found else frame
+    return where if where.startswith("<") else where.split("/", 1)[0].removesuffix(".py")
+
+
+def top_frames(raw_path: Path, limit: int = 10) -> dict[str, Any]:
+    """Where the worker spends its time, from py-spy's raw (collapsed stack) output.
+
+    - `self`: the functions (line numbers merged) on top of the stack most often.
+    - `self_by_package`: the same, summed per top-level package of the file (asyncio,
+      faust, aiokafka, json, schemas, processors, ...).
+    - `inclusive`: functions anywhere on the stack, leaving out the start-up chain every
+      sample shares (frames in at least 75 % of the samples: runpy, the CLI, the loop).
+    Percentages are of all samples; py-spy only counts threads that are not idle.
+    """
+    self_counts: collections.Counter[str] = collections.Counter()
+    incl_counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame_function(f) for f in stack.split(";")]
+        total += n
+        self_counts[frames[-1]] += n
+        for f in set(frames):
+            incl_counts[f] += n
+    by_package: collections.Counter[str] = collections.Counter()
+    for frame, n in self_counts.items():
+        by_package[_frame_package(frame)] += n
+
+    def rows(counter: collections.Counter[str], key: str = "frame") -> list[dict[str, Any]]:
+        return [{key: f, "samples": c, "pct": round(100 * c / total, 1)} for f, c in counter.most_common(limit)]
+
+    inclusive = collections.Counter({f: c for f, c in incl_counts.items() if c < 0.75 * total})
+    return {"samples": total, "self": rows(self_counts), "self_by_package": rows(by_package, "package"),
+            "inclusive": rows(inclusive)}
+
+
+@dataclass
+class WorkerRun:
+    elapsed_s: float
+    first_output_s: float | None
+    started_line_s: float | None
+    ready_s: float | None
+    outputs_at_done: int
+    cpu_s: float
+    cpu_pct: float
+    host_cpu_busy_pct: float
+    rss_kb_peak: int
+    exit_code: int
+    profile: dict[str, Any] | None
+    #: [seconds since start, outcomes, records in the internal dedupe topic, in the internal attribute topic]
+    progress: list[list[float]]
+
+
+def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+               scratch: Path, n: int) -> WorkerRun:
+    """Start one worker, time it until N outcome records exist, SIGTERM it."""
+    counter = TopicCounter(kafka.bootstrap_servers, {
+        "outcomes": [topics.conversions.name, topics.rejections.name, topics.duplicates.name],
+        "to_dedupe": [topics.processor_dedupe.name], "to_attribute": [topics.processor_attribute.name]})
+    log_path = scratch / "worker.log"
+    argv = [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(scratch / "worker-state"),
+            "--web-port", str(free_port()), "--late-click-wait", str(args.late_click_wait),
+            "--loglevel", args.worker_loglevel]
+    cpu_before, (busy_before, total_before) = 0.0, host_cpu_ticks()
+    worker = Child("worker", argv, env, log_path)
+    profiler: Child | None = None
+    sampler: RssSampler | None = None
+    try:
+        sampler = RssSampler({"worker": worker.proc.pid})
+        sampler.start()
+        started_line_s = ready_s = first_output_s = None
+        last_log = 0.0
+        progress: list[list[float]] = []
+        deadline = worker.started + args.timeout
+        while True:
+            worker.check_alive()
+            now = time.monotonic()
+            counts = counter.totals()
+            total = counts["outcomes"]
+            elapsed = now - worker.started
+            if started_line_s is None or ready_s is None:
+                text = log_path.read_text(errors="replace")
+                if started_line_s is None and STARTED.search(text):
+                    started_line_s = elapsed
+                if ready_s is None and READY.search(text):
+                    ready_s = elapsed
+            if total > 0 and first_output_s is None:
+                first_output_s = elapsed
+                if args.profile:
+                    raw = scratch / "py-spy.txt"
+                    profiler = Child("py-spy", [str(Path(sys.executable).with_name("py-spy")), "record", "-p",
+                                                str(worker.proc.pid), "-d", str(int(args.timeout)), "-r", "100",
+                                                "-f", "raw", "-o", str(raw), "--nonblocking"],
+                                     dict(os.environ), scratch / "py-spy.log")
+                    log(f"py-spy sampling the worker (pid {worker.proc.pid}) ...")
+            progress.append([round(elapsed, 2), total, counts["to_dedupe"], counts["to_attribute"]])
+            if total >= n:
+                break
+            if now - last_log >= 2.0:
+                last_log = now
+                log(f"worker: {elapsed:5.1f}s, {total:,}/{n:,} outcomes ({counts['to_dedupe']:,} records in the "
+                    f"internal dedupe topic, {counts['to_attribute']:,} in the attribute topic)")
+            if now > deadline:
+                raise RuntimeError(f"only {total} of {n} outcomes after {args.timeout:.0f}s:\n{tail(log_path)}")
+            time.sleep(POLL_S)
+        elapsed_s = time.monotonic() - worker.started
+        cpu_s = tree_cpu_s(worker.proc.pid) - cpu_before
+        busy_after, total_after = host_cpu_ticks()
+        sampler.stop()
+        log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start)")
+        profile = None
+        if profiler is not None:
+            profiler.stop(signal.SIGINT, timeout=30)  # py-spy writes its output on Ctrl-C
+            raw = scratch / "py-spy.txt"
+            if raw.exists():
+                profile = top_frames(raw, args.profile_top)
+                profile["window"] = "first output -> N outcomes"
+            else:
+                profile = {"error": tail(scratch / "py-spy.log")}
+        log("stopping the worker (SIGTERM) ...")
+        exit_code = worker.stop()
+        if exit_code != 0:
+            log(f"worker exited {exit_code}:\n{tail(log_path)}")
+        return WorkerRun(
+            elapsed_s=elapsed_s, first_output_s=first_output_s, started_line_s=started_line_s, ready_s=ready_s,
+            outputs_at_done=total, cpu_s=cpu_s, cpu_pct=round(100 * cpu_s / elapsed_s, 1),
+            host_cpu_busy_pct=round(100 * (busy_after - busy_before) / max(1, total_after - total_before), 1),
+            rss_kb_peak=sampler.peak_kb["worker"], exit_code=exit_code, profile=profile, progress=progress)
+    finally:
+        if profiler is not None:
+            profiler.stop(signal.SIGINT, timeout=10)
+        if sampler is not None:
+            sampler.stop()
+        worker.stop()
+        counter.close()
+
+
+def check_outcomes(kafka: KafkaService, topics: Topics, work: Workload) -> dict[str, Any]:
+    """Read every output record back and compare with what each receipt must become."""
+    from schemas.codec import decode_any
+
+    expected_kind = {"valid": "Conversion", "late_click": "Conversion", "duplicate": "Duplicate",
+                     "bad_signature": "Rejection"}
+    found: dict[str, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
+    records = 0
+    for spec in (topics.conversions, topics.rejections, topics.duplicates):
+        for msg in kafka.read(spec.name, timeout=120):
+            name, record = decode_any(msg.value())
+            found[record["receipt_id"]].append((name, record))
+            records += 1
+    unknown = set(found) - set(work.kind_of)
+    missing = set(work.kind_of) - set(found)
+    conflicting = 0
+    wrong_kind: collections.Counter[str] = collections.Counter()
+    conversions_per_order: collections.Counter[str] = collections.Counter()
+    reasons: dict[str, collections.Counter[str]] = {"Duplicate": collections.Counter(),
+                                                     "Rejection": collections.Counter()}
+    attribution: dict[str, collections.Counter[str]] = {"valid": collections.Counter(),
+                                                         "late_click": collections.Counter()}
+    seen_conversion_ids: set[str] = set()
+    for receipt, outs in found.items():
+        distinct = {(kind, rec.get("conversion_id"), rec.get("version"), rec.get("reason"),
+                     rec.get("attribution")) for kind, rec in outs}
+        if len(distinct) != 1:
+            conflicting += 1
+        kind = work.kind_of.get(receipt)
+        if kind is None:
+            continue
+        name, rec = outs[0]
+        if name != expected_kind[kind]:
+            wrong_kind[f"{kind}->{name}"] += 1
+        if name == "Conversion":
+            if rec["conversion_id"] not in seen_conversion_ids:
+                seen_conversion_ids.add(rec["conversion_id"])
+                conversions_per_order[rec["order_id"]] += 1
+            if kind in attribution:
+                attribution[kind][rec["attribution"]] += 1
+        else:
+            reasons[name][rec["reason"]] += 1
+    kinds_found = collections.Counter(outs[0][0] for r, outs in found.items() if r in work.kind_of)
+    orders = {work.order_of[r] for r, k in work.kind_of.items() if k in ("valid", "late_click")}
+    c = work.counts
+    checks = {
+        "every_receipt_has_an_outcome": not missing,
+        "no_unknown_receipts": not unknown,
+        "one_distinct_outcome_per_receipt": conflicting == 0,
+        "outcome_kind_as_expected": not wrong_kind,
+        "one_conversion_per_valid_order": set(conversions_per_order) == orders
+        and set(conversions_per_order.values()) <= {1},
+        "duplicates_equal_mix": kinds_found["Duplicate"] == c["duplicate"]
+        and reasons["Duplicate"] == collections.Counter({"order_repeat": c["duplicate"]}) if c["duplicate"]
+        else kinds_found["Duplicate"] == 0,
+        "rejections_equal_bad_signatures": kinds_found["Rejection"] == c["bad_signature"]
+        and reasons["Rejection"] == collections.Counter({"bad_signature": c["bad_signature"]}) if c["bad_signature"]
+        else kinds_found["Rejection"] == 0,
+    }
+    return {
+        "correct": all(checks.values()),
+        "checks": checks,
+        "output_records": records,
+        "repeated_identical_records": records - len(found) if conflicting == 0 else None,
+        "receipts_with_outcome": len(found),
+        "missing_receipts": len(missing),
+        "unknown_receipts": len(unknown),
+        "conflicting_receipts": conflicting,
+        "wrong_kind": dict(wrong_kind),
+        "outcomes": {"conversions": kinds_found["Conversion"], "duplicates": kinds_found["Duplicate"],
+                     "rejections": kinds_found["Rejection"]},
+        "expected": {"conversions": c["valid"] + c["late_click"], "duplicates": c["duplicate"],
+                     "rejections": c["bad_signature"]},
+        "distinct_orders_converted": len(conversions_per_order),
+        "duplicate_reasons": dict(reasons["Duplicate"]),
+        "rejection_reasons": dict(reasons["Rejection"]),
+        "attribution": {k: dict(v) for k, v in attribution.items()},
+    }
+
+
+def run_baseline(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+                 scratch: Path, n: int) -> dict[str, Any]:
+    """`--baseline-runs` runs (each a fresh group and output topic); the median run by events/s."""
+    runs = [run_baseline_once(args, kafka, topics, env, scratch, n) for _ in range(args.baseline_runs)]
+    median = sorted(runs, key=lambda r: r["events_per_s"])[(len(runs) - 1) // 2]
+    return dict(median, runs=len(runs), events_per_s_all_runs=[r["events_per_s"] for r in runs])
+
+
+def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+                      scratch: Path, n: int) -> dict[str, Any]:
+    out_topic = kafka.create_topic(f"{topics.prefix}.bare-out", partitions=topics.raw_postbacks.partitions)
+    argv = [sys.executable, str(FORWARDER), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
+            topics.raw_postbacks.name, "--topic-out", out_topic, "--count", str(n), "--timeout", str(args.timeout)]
+    busy_before, total_before = host_cpu_ticks()
+    # CPU of reaped children: the worker and py-spy were reaped before, the broker is not
+    # reaped until the end, so the difference is the baseline's own CPU time.
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = Child("baseline", argv, env, scratch / "baseline.log", stdout_pipe=True)
+    sampler = RssSampler({"baseline": child.proc.pid})
+    sampler.start()
+    try:
+        assert child.proc.stdout is not None
+        out = child.proc.stdout.read().decode()  # until it exits (one JSON line)
+        child.proc.wait(timeout=args.timeout)
+    finally:
+        sampler.stop()
+        exit_code = child.stop()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    busy_after, total_after = host_cpu_ticks()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if exit_code != 0 or not lines:
+        raise RuntimeError(f"baseline exited {exit_code}: {out}\n{tail(scratch / 'baseline.log')}")
+    result = json.loads(lines[-1])
+    elapsed = result["t_last_ack"] - child.started
+    steady = result["t_last_ack"] - result["t_first_record"]
+    records = settled_count(kafka, out_topic, n)
+    log(f"baseline: {n:,} records forwarded after {elapsed:.2f}s ({n / elapsed:,.0f}/s from start)")
+    return {
+        "events_per_s": round(n / elapsed, 1),
+        "elapsed_s": round(elapsed, 3),
+        "elapsed_from_first_record_s": round(steady, 3),
+        "events_per_s_from_first_record": round(n / steady, 1) if steady > 0 else None,
+        "first_record_s": round(result["t_first_record"] - child.started, 3),
+        "cpu_pct": round(100 * cpu_s / elapsed, 1),
+        "cpu_ms_per_event": round(1000 * cpu_s / n, 4),
+        "host_cpu_busy_pct": round(100 * (busy_after - busy_before) / max(1, total_after - total_before), 1),
+        "rss_mb_peak": mb(sampler.peak_kb["baseline"]),
+        "records_in_output_topic": records,
+        "delivery_errors": result["delivery_errors"],
+        "exit_code": exit_code,
+    }
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    host = host_info()
+    settings = Settings.from_env()
+    prefix = unique_name("bench")
+    topics = Topics(prefix)
+    n = args.postbacks
+    with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp, contextlib.ExitStack() as stack:
+        scratch = Path(tmp)
+        log("starting Kafka (KAFKA_BOOTSTRAP_SERVERS if set, else a local broker) ...")
+        kafka = stack.enter_context(kafka_service(settings, scratch / "kafka"))
+        log(f"Kafka ({kafka.provider}) at {kafka.bootstrap_servers}; topic prefix {prefix}")
+        if kafka.provider == "external":
+            stack.callback(delete_all_topics, kafka, prefix)
+        ensure_topics(kafka.admin(), topics)
+
+        log(f"building {n:,} postbacks ({', '.join(f'{k}={v:g}' for k, v in args.mix.items())}) ...")
+        work = build_workload(n, args.mix, args.seed, prefix.rsplit("_", 1)[1])
+        log(f"pre-filling: {len(work.clicks_first):,} clicks, {n:,} raw postbacks "
+            f"({work.raw_bytes / n:.0f} B avg), then {len(work.clicks_last):,} late clicks ...")
+        prefill_s = produce_all(kafka.bootstrap_servers, topics, work)
+        raw_count = kafka.count(topics.raw_postbacks.name)
+        clicks_count = kafka.count(topics.clicks.name)
+        if raw_count != n or clicks_count != len(work.clicks_first) + len(work.clicks_last):
+            raise RuntimeError(f"pre-fill: {raw_count} raw postbacks and {clicks_count} clicks in Kafka")
+        log(f"pre-filled in {prefill_s:.1f}s")
+
+        partners = scratch / "partners.toml"
+        partners.write_text(PARTNERS_TOML)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(PYTHONPATH=str(REPO), KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
+                   POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
+
+        log(f"starting one worker (late-click-wait {args.late_click_wait:g}s), timing until {n:,} outcomes ...")
+        w = run_worker(args, kafka, topics, env, scratch, n)
+        log("reading all outcomes back ...")
+        details = check_outcomes(kafka, topics, work)
+        log(f"outcomes {'correct' if details['correct'] else 'NOT correct'}: {details['outcomes']} "
+            f"(expected {details['expected']})")
+
+        log("baseline: bare consume -> produce loop over the same raw postbacks ...")
+        baseline = run_baseline(args, kafka, topics, env, scratch, n)
+        if args.logs_dir:
+            args.logs_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("worker.log", "baseline.log", "py-spy.txt", "py-spy.log"):
+                if (scratch / name).exists():
+                    shutil.copy(scratch / name, args.logs_dir / name)
+            log(f"logs copied to {args.logs_dir}")
+
+    steady_s = w.elapsed_s - w.first_output_s if w.first_output_s is not None else None
+    ready_to_done = w.elapsed_s - w.ready_s if w.ready_s is not None else None
+    worker = {
+        "events_per_s": round(n / w.elapsed_s, 1),
+        "elapsed_s": round(w.elapsed_s, 3),
+        "elapsed_from_first_output_s": None if steady_s is None else round(steady_s, 3),
+        "events_per_s_from_first_output": round(n / steady_s, 1) if steady_s else None,
+        "first_output_s": None if w.first_output_s is None else round(w.first_output_s, 2),
+        "ready_s": None if w.ready_s is None else round(w.ready_s, 2),
+        "elapsed_from_ready_s": None if ready_to_done is None else round(ready_to_done, 3),
+        "started_line_s": None if w.started_line_s is None else round(w.started_line_s, 2),
+        "rss_mb_peak": mb(w.rss_kb_peak),
+        "cpu_pct": w.cpu_pct,
+        "cpu_ms_per_event": round(1000 * w.cpu_s / n, 4),
+        "host_cpu_busy_pct": w.host_cpu_busy_pct,
+        "late_click_wait_s": args.late_click_wait,
+        "loglevel": args.worker_loglevel,
+        "profiled": bool(args.profile),
+        "exit_code": w.exit_code,
+    }
+    ratio = round(worker["events_per_s"] / baseline["events_per_s"], 4) if baseline["events_per_s"] else None
+    b_steady = baseline["events_per_s_from_first_record"]
+    details.update({
+        "counts": work.counts,
+        "kafka": kafka.provider,
+        "topic_prefix": prefix,
+        "seed": args.seed,
+        "raw_record_bytes_avg": round(work.raw_bytes / n, 1),
+        "clicks": {"before_postbacks": len(work.clicks_first), "after_postbacks": len(work.clicks_last)},
+        "prefill_s": round(prefill_s, 2),
+        "ratio_from_first_output": round(worker["events_per_s_from_first_output"] / b_steady, 4)
+        if worker["events_per_s_from_first_output"] and b_steady else None,
+        "outputs_when_timed": w.outputs_at_done,
+        "progress_columns": ["s_since_start", "outcomes", "internal_dedupe_records", "internal_attribute_records"],
+        "progress": thin(w.progress, 1.0),
+        "goal_events_per_s": 10_000,
+    })
+    if w.profile is not None:
+        details["profile"] = w.profile
+    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
+            "ratio": ratio, "correct": details["correct"], "details": details, "host": host}
+
+
+def thin(progress: list[list[float]], every_s: float) -> list[list[float]]:
+    """About one progress sample per `every_s` seconds, always keeping the last."""
+    out: list[list[float]] = []
+    for row in progress:
+        if not out or row[0] - out[-1][0] >= every_s or row is progress[-1]:
+            out.append(row)
+    return out
+
+
+def delete_all_topics(kafka: KafkaService, prefix: str) -> None:
+    """On a shared cluster, remove this run's topics (ours, faust's changelogs, the baseline's)."""
+    try:
+        names = [t for t in kafka.admin().list_topics(timeout=30).topics if t.startswith(prefix)]
+        for future in kafka.admin().delete_topics(names, operation_timeout=30).values():
+            future.result(timeout=30)
+        log(f"deleted {len(names)} topics {prefix}*")
+    except Exception as exc:  # noqa: BLE001 - the measurements are valid either way
+        log(f"could not delete topics {prefix}*: {exc}")
+
+
+def summary(report: dict[str, Any]) -> str:
+    w, b, d = report["worker"], report["baseline"], report["details"]
+    lines = [
+        f"process benchmark: {report['postbacks']:,} postbacks, one worker, Kafka {d['kafka']}, "
+        f"{report['host']['cpus']} CPUs",
+        "",
+        "| | events/s from start | elapsed s | events/s from first output | CPU % | RSS peak MB |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| worker | {w['events_per_s']:,.0f} | {w['elapsed_s']} | {w['events_per_s_from_first_output'] or 0:,.0f} | "
+        f"{w['cpu_pct']} | {w['rss_mb_peak']} |",
+        f"| baseline | {b['events_per_s']:,.0f} | {b['elapsed_s']} | {b['events_per_s_from_first_record'] or 0:,.0f} | "
+        f"{b['cpu_pct']} | {b['rss_mb_peak']} |",
+        "",
+        f"ratio {report['ratio']} (from first output: {d['ratio_from_first_output']}); worker first output after "
+        f"{w['first_output_s']}s, Ready after {w['ready_s']}s; exit code {w['exit_code']}",
+        f"outcomes {d['outcomes']} expected {d['expected']} -> {'OK' if report['correct'] else 'FAILED'}; "
+        f"attribution {d['attribution']}",
+    ]
+    if "profile" in d and "self" in d["profile"]:
+        lines += ["", f"top self-time frames ({d['profile']['samples']} samples):"]
+        lines += [f"  {row['pct']:5.1f}%  {row['frame']}" for row in d["profile"]["self"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/process.py",
+        description="Benchmark one processor worker (python -m postback.cli process: verify signatures, dedupe, "
+                    "attribute) against a real Kafka: pre-fill clicks and N signed raw postbacks, time the worker "
+                    "from start until N outcomes (conversions + rejections + duplicates) are in Kafka, check "
+                    "every outcome, and time a bare confluent-kafka consume->produce loop over the same records "
+                    "in the same run (bench/bare_forwarder.py). One JSON document goes to stdout (and "
+                    "--json-out); progress and a summary go to stderr.",
+        epilog="Kafka: KAFKA_BOOTSTRAP_SERVERS if set, else a local Apache Kafka started in a temp dir. On a "
+               "shared machine compare the ratio within one run, not absolute events/s across runs. Exit "
+               "status: 0 ok, 1 outcomes not correct or the worker did not exit 0 on SIGTERM, 130 interrupted.")
+    parser.add_argument("--postbacks", type=positive_int, default=20_000, metavar="N",
+                        help="raw postbacks to process (default 20000)")
+    parser.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX), metavar="KIND=F,...",
+                        help=f"fractions of valid, duplicate, bad_signature, late_click; must sum to 1 (default "
+                             f"{DEFAULT_MIX})")
+    parser.add_argument("--late-click-wait", type=float, default=2.0, metavar="S",
+                        help="the worker's --late-click-wait (default 2)")
+    parser.add_argument("--worker-loglevel", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the worker's --loglevel (default info: faust then logs 'Ready', and nothing per "
+                             "event)")
+    parser.add_argument("--baseline-runs", type=positive_int, default=3, metavar="K",
+                        help="baseline runs (each well under a second for 20000 records, so one run is noisy); "
+                             "the median run by events/s is reported (default 3)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
+    parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                        help="give up when the worker or the baseline takes longer (default 900)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the worker with py-spy (non-blocking, 100 Hz) from its first output to the "
+                             "end; adds the top self-time and inclusive frames to details.profile. It costs the "
+                             "worker some CPU: quote events/s from a run without it")
+    parser.add_argument("--profile-top", type=positive_int, default=10, metavar="K",
+                        help="frames listed by --profile (default 10)")
+    parser.add_argument("--logs-dir", type=Path, metavar="DIR",
+                        help="copy the worker's and the baseline's logs (and py-spy's raw output) here")
+    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT, metavar="PATH",
+                        help="where to write the JSON report (default bench/results/process.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    real_stdout = sys.stdout
+    try:
+        # Anything a library prints (e.g. Kafka jar download progress) must not corrupt the JSON.
+        with sigterm_as_interrupt(), contextlib.redirect_stdout(sys.stderr):
+            report = benchmark(args)
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
+    text = json.dumps(report, indent=2)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(text + "\n")
+    print(summary(report), file=sys.stderr)
+    log(f"report written to {args.json_out}")
+    print(text, file=real_stdout, flush=True)
+    return 0 if report["correct"] and report["worker"]["exit_code"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,381 @@
+"""Schema migrations against the real ClickHouse: bookkeeping, idempotency, the analysts' views."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.providers import ClickHouseService, unique_name
+from sinks.migrations import MIGRATIONS, Migration, MigrationError, apply_migrations, current_version
+
+pytestmark = pytest.mark.integration
+
+TABLES = {"clicks", "conversions", "postback_outcomes", "rejections", "duplicates"}
+VIEWS = {"v_conversions_net", "v_revenue_daily", "v_revenue_by_click_day", "v_postback_health_hourly",
+         "v_rejection_reasons_daily", "v_match_rate_daily", "v_affiliate_conversion_rate_daily"}
+
+
+def ts(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def rows(client: Any, sql: str) -> list[dict[str, Any]]:
+    result = client.query(sql)
+    return [dict(zip(result.column_names, row)) for row in result.result_rows]
+
+
+def scalar(client: Any, sql: str) -> Any:
+    return client.query(sql).result_rows[0][0]
+
+
+@pytest.fixture
+def migrated(clickhouse: ClickHouseService, ch_database: str) -> Any:
+    client = clickhouse.client(ch_database)
+    apply_migrations(client, ch_database, progress=quiet)
+    return client
+
+
+# -- bookkeeping ------------------------------------------------------------------------------
+
+
+def test_migrate_from_empty_applies_all_and_records_them(clickhouse: ClickHouseService) -> None:
+    database = unique_name("mig")  # does not exist yet: apply_migrations creates it
+    client = clickhouse.client()
+    messages: list[str] = []
+    try:
+        assert current_version(client, database) == 0
+        applied = apply_migrations(client, database, progress=messages.append)
+        assert applied == [m.version for m in MIGRATIONS]
+        assert len(messages) == len(MIGRATIONS)
+        recorded = client.query(f"SELECT version, name, checksum FROM {database}.schema_migrations "
+                                "ORDER BY version").result_rows
+        assert recorded == [(m.version, m.name, m.checksum) for m in MIGRATIONS]
+        assert current_version(client, database) == MIGRATIONS[-1].version
+        names = {r[0] for r in client.query(f"SELECT name FROM system.tables WHERE database = '{database}'").result_rows}
+        assert TABLES | VIEWS | {"schema_migrations"} == names
+        engines = dict(client.query(f"SELECT name, engine FROM system.tables WHERE database = '{database}'").result_rows)
+        assert all(engines[t] == "ReplacingMergeTree" for t in TABLES)
+        assert all(engines[v] == "View" for v in VIEWS)
+        applied_at = scalar(client, f"SELECT max(applied_at) FROM {database}.schema_migrations")
+        assert abs((datetime.now(timezone.utc) - applied_at.replace(tzinfo=timezone.utc)).total_seconds()) < 300
+    finally:
+        clickhouse.drop_database(database)
+
+
+def test_running_again_applies_nothing(clickhouse: ClickHouseService, ch_database: str) -> None:
+    client = clickhouse.client(ch_database)
+    assert apply_migrations(client, ch_database, progress=quiet) == [m.version for m in MIGRATIONS]
+    messages: list[str] = []
+    assert apply_migrations(client, ch_database, progress=messages.append) == []
+    assert "up to date" in messages[-1]
+    assert scalar(client, "SELECT count() FROM schema_migrations") == len(MIGRATIONS)
+
+
+def test_half_applied_migration_is_rerun(clickhouse: ClickHouseService, ch_database: str) -> None:
+    client = clickhouse.client(ch_database)
+    first = MIGRATIONS[0]
+    client.command(first.statements[0].replace("{db}", ch_database))  # crashed after one statement
+    assert current_version(client, ch_database) == 0
+    assert apply_migrations(client, ch_database, progress=quiet) == [m.version for m in MIGRATIONS]
+
+
+def test_new_migration_is_applied_on_top(clickhouse: ClickHouseService, ch_database: str) -> None:
+    client = clickhouse.client(ch_database)
+    apply_migrations(client, ch_database, progress=quiet)
+    extra = Migration(MIGRATIONS[-1].version + 1, "add_note",
+                      ("ALTER TABLE {db}.clicks ADD COLUMN IF NOT EXISTS note String DEFAULT ''",))
+    assert apply_migrations(client, ch_database, progress=quiet, migrations=MIGRATIONS + (extra,)) == [extra.version]
+    assert current_version(client, ch_database) == extra.version
+    # ... and code that does not know it refuses the newer database.
+    with pytest.raises(MigrationError, match="does not know"):
+        apply_migrations(client, ch_database, progress=quiet)
+
+
+def test_edited_applied_migration_is_refused(clickhouse: ClickHouseService, ch_database: str) -> None:
+    client = clickhouse.client(ch_database)
+    apply_migrations(client, ch_database, progress=quiet)
+    first = MIGRATIONS[0]
+    edited = dataclasses.replace(first, statements=first.statements[:-1]
+                                 + (first.statements[-1].replace("reason LowCardinality(String)", "reason String"),))
+    assert edited.checksum != first.checksum
+    newer = Migration(MIGRATIONS[-1].version + 1, "would_be_next", ("CREATE TABLE IF NOT EXISTS {db}.should_not_exist "
+                                                                    "(x UInt8) ENGINE = MergeTree ORDER BY x",))
+    with pytest.raises(MigrationError, match="edited"):
+        apply_migrations(client, ch_database, progress=quiet, migrations=(edited,) + MIGRATIONS[1:] + (newer,))
+    assert scalar(client, "EXISTS TABLE should_not_exist") == 0  # refused before applying anything
+
+
+def test_tampered_recorded_checksum_is_refused(clickhouse: ClickHouseService, ch_database: str) -> None:
+    client = clickhouse.client(ch_database)
+    apply_migrations(client, ch_database, progress=quiet)
+    client.command("ALTER TABLE schema_migrations UPDATE checksum = 'deadbeef' WHERE version = 1",
+                   settings={"mutations_sync": 2})
+    with pytest.raises(MigrationError, match="migration 1"):
+        apply_migrations(client, ch_database, progress=quiet)
+
+
+def test_whitespace_does_not_change_the_checksum() -> None:
+    m = MIGRATIONS[0]
+    reindented = dataclasses.replace(m, statements=tuple("\n  " + "   ".join(s.split()) + "\n" for s in m.statements))
+    assert reindented.checksum == m.checksum
+    assert len({m.version for m in MIGRATIONS}) == len(MIGRATIONS)
+
+
+# -- sample data and the views ------------------------------------------------------------------
+
+CLICK_COLS = ["click_id", "clicked_at", "offer_id", "affiliate_id", "campaign_id", "sub1", "sub2", "sub3", "sub4",
+              "sub5", "ip", "user_agent", "referer", "source", "extras"]
+
+
+def click(click_id: str, at: str, affiliate: str, offer: str = "o1") -> list[Any]:
+    return [click_id, ts(at), offer, affiliate, "camp", "s1", None, None, None, None, "198.51.100.7", "UA/1", None,
+            "redirect", {"utm_source": "x"}]
+
+
+CONV_COLS = ["conversion_id", "version", "receipt_id", "advertiser_id", "offer_id", "affiliate_id", "campaign_id",
+             "click_id", "sub1", "sub2", "sub3", "sub4", "sub5", "event", "status", "order_id", "customer_id", "period",
+             "amount", "currency", "sign", "event_time", "received_at", "processed_at", "clicked_at", "attributed",
+             "attribution", "click_to_conversion_s", "dedupe_key", "auth_mode", "extras"]
+
+
+def conversion(cid: str, version: int, *, status: str = "approved", event: str = "purchase", order: str | None = None,
+               amount: str | None = None, click_id: str | None = None, clicked_at: str | None = None,
+               affiliate: str | None = None, attribution: str = "attributed", event_time: str | None = None,
+               received: str = "2026-03-01 09:00:00", offer: str | None = "o1") -> list[Any]:
+    sign = -1 if event in ("refund", "chargeback") else 1
+    received_at = ts(received)
+    reported = ts(event_time) if event_time else received_at
+    return [cid, version, f"r-{cid}-{version}", "adv1", offer, affiliate, None, click_id, None, None, None, None,
+            None, event, status, order, None, None, Decimal(amount) if amount else None,
+            "USD" if amount else None, sign, ts(event_time) if event_time else None, received_at,
+            ts(received.replace(":00:00", ":00:01")), ts(clicked_at) if clicked_at else None,
+            attribution == "attributed", attribution,
+            int((reported - ts(clicked_at)).total_seconds()) if clicked_at else None,
+            f"adv1|{event}|{order}", "hmac", {}]
+
+
+OUTCOME_COLS = ["receipt_id", "outcome", "reason", "advertiser_id", "event", "conversion_id", "received_at",
+                "processed_at"]
+
+
+def outcome(receipt: str, kind: str, latency_ms: int, reason: str = "", advertiser: str = "adv1",
+            at: str = "2026-03-01 09:10:00") -> list[Any]:
+    received = ts(at)
+    processed = datetime.fromtimestamp(received.timestamp() + latency_ms / 1000, timezone.utc)
+    return [receipt, kind, reason, advertiser, "purchase", f"c-{receipt}" if kind == "accepted" else "", received,
+            processed]
+
+
+REJECTION_COLS = ["receipt_id", "received_at", "processed_at", "advertiser_id", "event", "reason", "detail",
+                  "remote_ip", "params", "body"]
+DUPLICATE_COLS = ["receipt_id", "first_receipt_id", "received_at", "processed_at", "advertiser_id", "event", "order_id",
+                  "dedupe_key", "reason"]
+
+
+@pytest.fixture
+def sample(migrated: Any) -> Any:
+    client = migrated
+    # Five clicks; c4 arrives twice (a redelivery in another batch) and collapses under FINAL.
+    client.insert("clicks", [click("c1", "2026-02-28 10:00:00", "a1"), click("c2", "2026-02-28 11:00:00", "a1"),
+                             click("c3", "2026-02-28 12:00:00", "a1"), click("c4", "2026-02-28 13:00:00", "a2")],
+                  column_names=CLICK_COLS)
+    client.insert("clicks", [click("c4", "2026-02-28 13:00:00", "a2"), click("c5", "2026-02-28 14:00:00", "a2")],
+                  column_names=CLICK_COLS)
+    a1 = {"affiliate": "a1", "clicked_at": "2026-02-28 10:00:00"}
+    client.insert("conversions", [
+        # Order A: pending first, approved by a later postback (version 2 replaces version 1).
+        conversion("X", 1, status="pending", order="A", amount="100", click_id="c1", event_time="2026-03-01 08:55:00",
+                   **a1),
+        # Order B: approved, then reversed to rejected: it leaves the approved set.
+        conversion("Y", 1, order="B", amount="50", click_id="c2", **{**a1, "clicked_at": "2026-02-28 11:00:00"}),
+        # Order C: approved, no event_time (reported by receipt time).
+        conversion("Z", 1, order="C", amount="20", click_id="c3", received="2026-03-01 15:00:00",
+                   **{**a1, "clicked_at": "2026-02-28 12:00:00"}),
+        # Order D: no click id at all.
+        conversion("W", 1, order="D", amount="40", attribution="no_click_id"),
+        # A lead on c4 (affiliate a2): no money.
+        conversion("L", 1, event="lead", click_id="c4", affiliate="a2", clicked_at="2026-02-28 13:00:00"),
+        # Order E: named a click that never arrived, still pending.
+        conversion("E", 1, status="pending", order="E", amount="10", click_id="missing", attribution="no_click"),
+    ], column_names=CONV_COLS)
+    client.insert("conversions", [
+        conversion("X", 2, order="A", amount="100", click_id="c1", event_time="2026-03-01 08:55:00",
+                   received="2026-03-01 10:00:00", **a1),
+        # Refund of order A: its own conversion, sign -1.
+        conversion("R", 1, event="refund", order="A", amount="30", click_id="c1", event_time="2026-03-01 12:00:00",
+                   received="2026-03-01 12:00:00", **a1),
+        conversion("Y", 2, status="rejected", order="B", amount="50", click_id="c2", received="2026-03-01 11:00:00",
+                   **{**a1, "clicked_at": "2026-02-28 11:00:00"}),
+    ], column_names=CONV_COLS)
+    latencies = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    kinds = ["accepted"] * 6 + ["duplicate"] * 2 + ["rejected"] * 2
+    reasons = [""] * 6 + ["retry", "order_repeat", "bad_signature", "stale_timestamp"]
+    client.insert("postback_outcomes", [outcome(f"p{i}", k, ms, r) for i, (k, ms, r)
+                                        in enumerate(zip(kinds, latencies, reasons))], column_names=OUTCOME_COLS)
+    # p0 processed again after a restart (later processed_at, same receipt): FINAL keeps one.
+    client.insert("postback_outcomes", [outcome("p0", "accepted", 100),
+                                        outcome("u1", "rejected", 50, "unknown_advertiser", advertiser="")],
+                  column_names=OUTCOME_COLS)
+    client.insert("rejections", [
+        ["p8", ts("2026-03-01 09:10:00"), ts("2026-03-01 09:10:01"), "adv1", "purchase", "bad_signature",
+         "signature does not match", "203.0.113.1", {"order_id": "F", "sig": "00"}, b""],
+        ["p9", ts("2026-03-01 09:10:00"), ts("2026-03-01 09:10:01"), "adv1", "purchase", "stale_timestamp",
+         "ts is 900 s old", "203.0.113.2", {"order_id": "G"}, b""],
+        ["u1", ts("2026-03-01 09:10:00"), ts("2026-03-01 09:10:00"), "", "", "unknown_advertiser", "advertiser_id: zz",
+         "203.0.113.3", {}, b'{"a": 1}'],
+    ], column_names=REJECTION_COLS)
+    client.insert("duplicates", [
+        ["p6", "r-X-1", ts("2026-03-01 09:10:00"), ts("2026-03-01 09:10:01"), "adv1", "purchase", "A", "adv1|purchase|A",
+         "retry"],
+        ["p7", "r-X-1", ts("2026-03-01 09:10:00"), ts("2026-03-01 09:10:01"), "adv1", "purchase", "A", "adv1|purchase|A",
+         "order_repeat"],
+    ], column_names=DUPLICATE_COLS)
+    return client
+
+
+def test_conversions_final_keeps_the_highest_version(sample: Any) -> None:
+    assert scalar(sample, "SELECT count() FROM conversions") == 9
+    latest = dict(sample.query("SELECT conversion_id, status FROM conversions FINAL").result_rows)
+    assert latest == {"X": "approved", "Y": "rejected", "Z": "approved", "W": "approved", "L": "approved",
+                      "E": "pending", "R": "approved"}
+    signed = dict(sample.query("SELECT conversion_id, signed_amount FROM conversions FINAL "
+                               "WHERE amount IS NOT NULL").result_rows)
+    assert signed["R"] == Decimal("-30") and signed["X"] == Decimal("100")
+    assert scalar(sample, "SELECT count() FROM clicks FINAL") == 5
+
+
+def test_net_revenue(sample: Any) -> None:
+    net = rows(sample, "SELECT currency, sum(signed_amount) AS net, count() AS n FROM v_conversions_net "
+                       "GROUP BY currency ORDER BY currency")
+    # 100 (A) - 30 (refund of A) + 20 (C) + 40 (D); B was rejected, E is pending; the lead has no money.
+    assert net == [{"currency": "USD", "net": Decimal("130"), "n": 4}, {"currency": None, "net": None, "n": 1}]
+    assert {r["conversion_id"] for r in rows(sample, "SELECT conversion_id FROM v_conversions_net")} \
+        == {"X", "R", "Z", "W", "L"}
+    reported = dict(sample.query("SELECT conversion_id, reported_at FROM v_conversions_net").result_rows)
+    assert reported["X"].replace(tzinfo=None) == datetime(2026, 3, 1, 8, 55)  # event time
+    assert reported["Z"].replace(tzinfo=None) == datetime(2026, 3, 1, 15, 0)  # receipt time
+
+
+def test_filters_on_a_view_apply_after_final(sample: Any) -> None:
+    # Y's version 1 was approved; were the filter pushed below FINAL, it would come back.
+    assert {r[0] for r in sample.query("SELECT conversion_id FROM v_conversions_net WHERE version = 1").result_rows} \
+        == {"Z", "W", "L", "R"}
+    assert {r[0] for r in sample.query("SELECT conversion_id FROM v_conversions_net "
+                                       "WHERE received_at < '2026-03-01 10:00:00'").result_rows} == {"W", "L"}
+
+
+def test_revenue_daily_and_reversal_rate(sample: Any) -> None:
+    daily = rows(sample, "SELECT * FROM v_revenue_daily ORDER BY affiliate_id, currency")
+    by_key = {(r["affiliate_id"], r["currency"]): r for r in daily}
+    a1 = by_key[("a1", "USD")]
+    assert str(a1["day"]) == "2026-03-01" and a1["advertiser_id"] == "adv1" and a1["offer_id"] == "o1"
+    assert (a1["gross"], a1["reversals"], a1["net"]) == (Decimal("120"), Decimal("30"), Decimal("90"))
+    assert (a1["conversions"], a1["reversals_count"], a1["conversions_total"]) == (2, 1, 3)
+    assert a1["reversal_rate"] == pytest.approx(0.25)
+    assert (by_key[(None, "USD")]["net"], by_key[(None, "USD")]["reversal_rate"]) == (Decimal("40"), 0.0)
+    lead = by_key[("a2", None)]
+    assert (lead["conversions"], lead["gross"], lead["net"], lead["reversal_rate"]) == (1, 0, 0, None)
+    assert sum(r["net"] for r in daily) == Decimal("130")
+
+
+def test_revenue_by_click_day(sample: Any) -> None:
+    by_click = rows(sample, "SELECT * FROM v_revenue_by_click_day ORDER BY click_day, affiliate_id")
+    clicked = [r for r in by_click if r["click_day"] is not None]
+    assert {(str(r["click_day"]), r["affiliate_id"], r["attributed"], r["net"]) for r in clicked} \
+        == {("2026-02-28", "a1", True, Decimal("90")), ("2026-02-28", "a2", True, Decimal("0"))}
+    unclicked = [r for r in by_click if r["click_day"] is None]
+    assert [(r["attributed"], r["net"]) for r in unclicked] == [(False, Decimal("40"))]
+    assert sum(r["net"] for r in by_click) == Decimal("130")  # reconciles with v_revenue_daily
+
+
+def test_postback_health_hourly(sample: Any) -> None:
+    health = {r["advertiser_id"]: r for r in rows(sample, "SELECT * FROM v_postback_health_hourly")}
+    adv1 = health["adv1"]
+    assert adv1["hour"].replace(tzinfo=None) == datetime(2026, 3, 1, 9)
+    assert (adv1["received"], adv1["accepted"], adv1["duplicates"], adv1["rejected"]) == (10, 6, 2, 2)
+    assert adv1["success_rate"] == pytest.approx(0.6)
+    assert adv1["dedupe_rate"] == pytest.approx(0.2)
+    assert adv1["rejection_rate"] == pytest.approx(0.2)
+    assert adv1["p50_latency_ms"] == pytest.approx(550)  # linear interpolation between 500 and 600
+    assert adv1["p99_latency_ms"] == pytest.approx(991)  # 100 + 0.99 * 9 * 100
+    assert adv1["max_latency_ms"] == 1000
+    unknown = health[""]
+    assert (unknown["received"], unknown["rejected"], unknown["success_rate"]) == (1, 1, 0.0)
+
+
+def test_rejection_reasons_daily(sample: Any) -> None:
+    reasons = {(r["advertiser_id"], r["reason"]): r for r in rows(sample, "SELECT * FROM v_rejection_reasons_daily")}
+    assert set(reasons) == {("adv1", "bad_signature"), ("adv1", "stale_timestamp"), ("", "unknown_advertiser")}
+    bad = reasons[("adv1", "bad_signature")]
+    assert (str(bad["day"]), bad["rejections"], bad["remote_ips"], bad["last_receipt_id"]) == ("2026-03-01", 1, 1, "p8")
+    assert bad["share_of_day"] == pytest.approx(0.5)
+    assert reasons[("", "unknown_advertiser")]["share_of_day"] == pytest.approx(1.0)
+
+
+def test_match_rate_daily(sample: Any) -> None:
+    (match,) = rows(sample, "SELECT * FROM v_match_rate_daily")
+    assert (str(match["day"]), match["advertiser_id"], match["offer_id"]) == ("2026-03-01", "adv1", "o1")
+    # X, R, Y, Z, L attributed; E named a missing click; W had no click id.
+    assert (match["accepted"], match["attributed"], match["no_click"], match["no_click_id"]) == (7, 5, 1, 1)
+    assert match["match_rate"] == pytest.approx(5 / 7)
+    assert match["click_id_match_rate"] == pytest.approx(5 / 6)
+
+
+def test_affiliate_conversion_rate_daily(sample: Any) -> None:
+    rates = {r["affiliate_id"]: r for r in rows(sample, "SELECT * FROM v_affiliate_conversion_rate_daily")}
+    assert set(rates) == {"a1", "a2"}
+    a1, a2 = rates["a1"], rates["a2"]
+    # a1: clicks c1, c2, c3; approved attributed conversions X (c1) and Z (c3): Y was rejected, R is a refund.
+    assert (str(a1["click_day"]), a1["offer_id"], a1["clicks"], a1["conversions"], a1["converted_clicks"]) \
+        == ("2026-02-28", "o1", 3, 2, 2)
+    assert a1["conversion_rate"] == pytest.approx(2 / 3)
+    # a2: clicks c4 (delivered twice, counted once) and c5; the lead on c4.
+    assert (a2["clicks"], a2["conversions"], a2["conversion_rate"]) == (2, 1, pytest.approx(0.5))
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "analytics.md"
+
+
+def doc_queries() -> list[str]:
+    return re.findall(r"```sql\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def test_every_query_in_the_analytics_doc_runs(sample: Any) -> None:
+    queries = doc_queries()
+    assert len(queries) >= 8
+    for sql in queries:
+        sample.query(sql)
+
+
+def test_canonical_net_revenue_query_from_the_doc(sample: Any) -> None:
+    (canonical,) = [q for q in doc_queries() if "AS net" in q and "v_conversions_net" in q and "sumIf" in q]
+    result = rows(sample, canonical)
+    assert [(str(r["day"]), r["advertiser_id"], r["currency"], r["gross"], r["reversals"], r["net"]) for r in result] \
+        == [("2026-03-01", "adv1", "USD", Decimal("160"), Decimal("30"), Decimal("130"))]
+
+
+# -- insert deduplication ------------------------------------------------------------------------
+
+
+def test_insert_deduplication_token_drops_a_retried_insert(migrated: Any) -> None:
+    client = migrated
+    batch = [conversion("T1", 1, order="T1", amount="5"), conversion("T2", 1, order="T2", amount="7.5")]
+    client.insert("conversions", batch, column_names=CONV_COLS, settings={"insert_deduplication_token": "part-0-off-42"})
+    assert scalar(client, "SELECT count() FROM conversions") == 2
+    # The sink retries the very same batch after a timeout: dropped, although inserted_at differs.
+    client.insert("conversions", batch, column_names=CONV_COLS, settings={"insert_deduplication_token": "part-0-off-42"})
+    assert scalar(client, "SELECT count() FROM conversions") == 2
+    # A different token is a different batch and is written (FINAL still collapses the rows).
+    client.insert("conversions", batch, column_names=CONV_COLS, settings={"insert_deduplication_token": "part-0-off-44"})
+    assert scalar(client, "SELECT count() FROM conversions") == 4
+    assert scalar(client, "SELECT count() FROM conversions FINAL") == 2
