@@ -63,14 +63,14 @@ class IngesterProcess:
 
 
 def start_ingester(kafka: KafkaService, tmp: Path, *extra: str, bootstrap: str | None = None,
-                   partners: Path | None = None) -> IngesterProcess:
+                   partners: Path | None = None, env: dict[str, str] | None = None) -> IngesterProcess:
     port = free_port()
     prefix = unique_name("it")
     if partners is None:
         partners = tmp / "partners.toml"
         partners.write_text(EXAMPLE_PARTNERS.read_text())
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap or kafka.bootstrap_servers,
-               POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
+               POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners), **(env or {}))
     log = tmp / f"ingest-{port}.log"
     out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "postback.cli", "ingest", "--port", str(port), *extra],
