@@ -12,7 +12,8 @@ faust worker's three stages are compared with.
 
 Prints one JSON line to stdout with `time.monotonic()` readings (CLOCK_MONOTONIC is
 system-wide on Linux, so the parent can compare them with its own clock):
-`{"t_imported": .., "t_first_record": .., "t_last_ack": .., "forwarded": .., "acked": .., "delivery_errors": ..}`.
+`{"t_imported": .., "t_first_record": .., "t_last_ack": .., "forwarded": .., "acked": .., "delivery_errors": ..,
+"max_rss_kb": ..}` (peak RSS of this process).
 Exit status 0 when `--count` records were forwarded and acknowledged, 1 otherwise.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 import uuid
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         consumer.close()
     print(json.dumps({"t_imported": t_imported, "t_first_record": t_first, "t_last_ack": t_last_ack,
-                      "forwarded": forwarded, "acked": acked, "unflushed": left, "delivery_errors": errors}),
+                      "forwarded": forwarded, "acked": acked, "unflushed": left, "delivery_errors": errors,
+                      "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}),
           flush=True)
     return 0 if forwarded >= args.count and acked >= args.count and errors == 0 else 1
 

@@ -94,10 +94,14 @@ def serve(opts: IngestOptions, settings: Settings, bootstrap: str) -> int:
         opts = replace(opts, port=free_port(opts.host))
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Queue()
-    workers = [ctx.Process(target=run_worker, args=(opts, bootstrap, settings, True, False, started),
-                           name=f"ingest-{i}") for i in range(opts.workers)]
-    for w in workers:
-        w.start()
+
+    def spawn(i: int) -> multiprocessing.process.BaseProcess:
+        worker = ctx.Process(target=run_worker, args=(opts, bootstrap, settings, True, False, started),
+                             name=f"ingest-{i}")
+        worker.start()
+        return worker
+
+    workers = [spawn(i) for i in range(opts.workers)]
     try:
         for _ in workers:  # announce only once every worker listens
             started.get(timeout=60)
@@ -107,18 +111,28 @@ def serve(opts: IngestOptions, settings: Settings, bootstrap: str) -> int:
         raise RuntimeError("ingest workers did not start within 60s")
     print(f"ingest listening on http://{opts.host}:{opts.port} with {opts.workers} workers "
           f"(kafka {bootstrap})", flush=True)
+    stopping = {"signal": 0}
 
     def forward(signum: int, _frame: object) -> None:
+        stopping["signal"] = signum
         for w in workers:
             if w.pid and w.is_alive():
                 os.kill(w.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for w in workers:
-        w.join()
+    codes: list[int | None] = []
+    # A worker that dies (crash, OOM kill) is replaced; its port share moves to the others meanwhile.
+    while any(w.is_alive() for w in workers) or not stopping["signal"]:
+        for i, w in enumerate(workers):
+            w.join(timeout=0.2)
+            if not w.is_alive() and not stopping["signal"]:
+                log.error("ingest worker %s (pid %s) died with %s; starting a new one", w.name, w.pid, w.exitcode)
+                codes.append(w.exitcode)
+                workers[i] = spawn(i)
     codes = [w.exitcode for w in workers]
-    bad = [c for c in codes if c not in (0, None)]
+    # A worker still booting when the signal came has no handler yet and dies of it: that is a clean stop too.
+    bad = [c for c in codes if c not in (0, None, -stopping["signal"])]
     if bad:
         print(f"ingest: workers exited with {codes}", file=sys.stderr)
     return 1 if bad else 0

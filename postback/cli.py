@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_stack(sub)
     from ingest import cli as ingest_cli
-    from postback import demo
+    from postback import demo, run
     from processors import cli as processors_cli
     from processors import sign_cli
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sinks_cli.register(sub)
     sinks_cli.register_trace(sub)
+    run.register(sub)
     demo.register(sub)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -161,3 +162,32 @@ def test_several_workers_share_the_port(kafka: KafkaService, tmp_path: Path) -> 
     assert len(records) == 400
     ingesters = {Codec.for_record("RawPostback").decode(m.value())["ingester_id"] for m in records}
     assert len(ingesters) == 2, f"one process served everything: {ingesters}"
+
+
+def test_a_killed_worker_is_replaced_and_202s_stay_durable(kafka: KafkaService, tmp_path: Path) -> None:
+    ing = start_ingester(kafka, tmp_path, "--workers", "2")
+    try:
+        children = Path(f"/proc/{ing.proc.pid}/task/{ing.proc.pid}/children").read_text().split()
+        workers = [int(pid) for pid in children
+                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        assert len(workers) == 2, children
+        first = asyncio.run(_fire(ing.url, 100))
+        os.kill(workers[0], signal.SIGKILL)
+        second = asyncio.run(_fire(ing.url, 300))  # some may fail while the kernel still routes to the dead one
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # a replacement worker appears
+            now = Path(f"/proc/{ing.proc.pid}/task/{ing.proc.pid}/children").read_text().split()
+            alive = [int(p) for p in now if int(p) != workers[0]
+                     and "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+            if len(alive) == 2:
+                break
+            time.sleep(0.5)
+        assert len(alive) == 2, "the dead worker was not replaced"
+        third = asyncio.run(_fire(ing.url, 100))
+        assert [s for s, _ in third].count(202) == 100
+    finally:
+        assert ing.stop() == 0, ing.log.read_text()
+    accepted = {r for s, r in first + second + third if s == 202}
+    records = kafka.read(ing.topics.raw_postbacks.name)
+    receipts = [Codec.for_record("RawPostback").decode(m.value())["receipt_id"] for m in records]
+    assert accepted <= set(receipts), "a 202 without its record"
