@@ -175,8 +175,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     tty = sys.stdout.isatty()
     last_status = 0.0
     while not stop["now"]:
-        for event in supervisor.check():
+        events = supervisor.check()
+        for event in events:
             say(("\n" if tty else "") + event)
+        if events or info.get("children") is None:
+            info["children"] = {c.name: c.proc.pid if c.proc else None for c in supervisor.children}
+            _write_run_file(settings, info)
         if time.monotonic() - last_status >= (2.0 if tty else 10.0):
             line = probe.line()
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
