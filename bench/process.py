@@ -340,6 +340,10 @@ def _frame_function(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
+_BOOT_FRAME = re.compile(r"\((<frozen runpy>|postback/cli\.py|processors/(cli|worker)\.py|mode/worker\.py)\)$"
+                         r"|^BaseEventLoop\.(run_forever|run_until_complete|_run_once) |^Handle\._run ")
+
+
 def _frame_package(frame: str) -> str:
     """`fn (faust/streams.py)` -> `faust`; `fn (<frozen runpy>)` -> `<frozen runpy>`."""
     found = re.search(r"\(([^()]*)\)$", frame)
@@ -354,7 +358,7 @@ def top_frames(raw_path: Path, limit: int = 10) -> dict[str, Any]:
     - `self_by_package`: the same, summed per top-level package of the file (asyncio,
       faust, aiokafka, json, schemas, processors, ...).
     - `inclusive`: functions anywhere on the stack, leaving out the start-up chain every
-      sample shares (frames in at least 75 % of the samples: runpy, the CLI, the loop).
+      sample shares (runpy, the CLIs, mode's worker, the event loop's run/_run_once/Handle._run).
     Percentages are of all samples; py-spy only counts threads that are not idle.
     """
     self_counts: collections.Counter[str] = collections.Counter()
@@ -377,7 +381,7 @@ def top_frames(raw_path: Path, limit: int = 10) -> dict[str, Any]:
     def rows(counter: collections.Counter[str], key: str = "frame") -> list[dict[str, Any]]:
         return [{key: f, "samples": c, "pct": round(100 * c / total, 1)} for f, c in counter.most_common(limit)]
 
-    inclusive = collections.Counter({f: c for f, c in incl_counts.items() if c < 0.75 * total})
+    inclusive = collections.Counter({f: c for f, c in incl_counts.items() if not _BOOT_FRAME.search(f)})
     return {"samples": total, "self": rows(self_counts), "self_by_package": rows(by_package, "package"),
             "inclusive": rows(inclusive)}
 
@@ -638,6 +642,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if kafka.provider == "external":
             stack.callback(delete_all_topics, kafka, prefix)
         ensure_topics(kafka.admin(), topics)
+        if args.logs_dir:  # also when the run fails: that is when the logs matter most
+            stack.callback(copy_logs, scratch, args.logs_dir)
 
         log(f"building {n:,} postbacks ({', '.join(f'{k}={v:g}' for k, v in args.mix.items())}) ...")
         work = build_workload(n, args.mix, args.seed, prefix.rsplit("_", 1)[1])
@@ -655,9 +661,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(PYTHONPATH=str(REPO), KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
                    POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
+        worker_env = dict(env, **dict(args.worker_env))
 
         log(f"starting one worker (late-click-wait {args.late_click_wait:g}s), timing until {n:,} outcomes ...")
-        w = run_worker(args, kafka, topics, env, scratch, n)
+        w = run_worker(args, kafka, topics, worker_env, scratch, n)
         log("reading all outcomes back ...")
         details = check_outcomes(kafka, topics, work)
         log(f"outcomes {'correct' if details['correct'] else 'NOT correct'}: {details['outcomes']} "
@@ -665,12 +672,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         log("baseline: bare consume -> produce loop over the same raw postbacks ...")
         baseline = run_baseline(args, kafka, topics, env, scratch, n)
-        if args.logs_dir:
-            args.logs_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("worker.log", "baseline.log", "py-spy.txt", "py-spy.log"):
-                if (scratch / name).exists():
-                    shutil.copy(scratch / name, args.logs_dir / name)
-            log(f"logs copied to {args.logs_dir}")
 
     steady_s = w.elapsed_s - w.first_output_s if w.first_output_s is not None else None
     ready_to_done = w.elapsed_s - w.ready_s if w.ready_s is not None else None
@@ -691,6 +692,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "late_click_wait_s": args.late_click_wait,
         "loglevel": args.worker_loglevel,
         "profiled": bool(args.profile),
+        "extra_env": dict(args.worker_env),
         "exit_code": w.exit_code,
     }
     ratio = round(worker["events_per_s"] / baseline["events_per_s"], 4) if baseline["events_per_s"] else None
@@ -715,6 +717,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
             "ratio": ratio, "correct": details["correct"], "details": details, "host": host}
+
+
+def copy_logs(scratch: Path, logs_dir: Path) -> None:
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("worker.log", "baseline.log", "py-spy.txt", "py-spy.log"):
+        if (scratch / name).exists():
+            shutil.copy(scratch / name, logs_dir / name)
+    log(f"logs copied to {logs_dir}")
 
 
 def thin(progress: list[list[float]], every_s: float) -> list[list[float]]:
@@ -762,6 +772,13 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def env_pair(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/process.py",
@@ -787,6 +804,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-runs", type=positive_int, default=3, metavar="K",
                         help="baseline runs (each well under a second for 20000 records, so one run is noisy); "
                              "the median run by events/s is reported (default 3)")
+    parser.add_argument("--worker-env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the worker only, repeatable; for what-if runs with faust "
+                             "settings, e.g. PRODUCER_LINGER=0.005 (recorded in worker.extra_env)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
                         help="give up when the worker or the baseline takes longer (default 900)")
