@@ -9,18 +9,7 @@ import urllib.parse
 import urllib.request
 
 from postback.config import IngestOptions, Settings
-
-
-def kafka_bootstrap(settings: Settings) -> str:
-    """External `KAFKA_BOOTSTRAP_SERVERS`, else the running local stack's broker."""
-    if settings.kafka_bootstrap_servers:
-        return settings.kafka_bootstrap_servers
-    from deploy.stack import Stack
-
-    bootstrap = Stack(settings).endpoints()["kafka"]
-    if not bootstrap:
-        raise RuntimeError("no Kafka: run `postback stack up` or set KAFKA_BOOTSTRAP_SERVERS")
-    return bootstrap
+from postback.endpoints import kafka_bootstrap, served_clickhouse_url
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -29,18 +18,8 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     opts = IngestOptions(host=args.host, port=args.port, workers=args.workers,
                          max_body_bytes=args.max_body_bytes, delivery_timeout_s=args.delivery_timeout,
                          body_read_timeout_s=args.body_read_timeout, create_topics=not args.no_create_topics,
-                         clickhouse_url=_lookup_url(settings), clickhouse_database=args.clickhouse_database)
+                         clickhouse_url=served_clickhouse_url(settings), clickhouse_database=args.clickhouse_database)
     return serve(opts, settings, kafka_bootstrap(settings))
-
-
-def _lookup_url(settings: Settings) -> str | None:
-    """ClickHouse for receipt lookups: CLICKHOUSE_URL or the stack's server (never the embedded engine,
-    whose data directory belongs to the sink process)."""
-    if settings.clickhouse_url:
-        return None if settings.clickhouse_url.startswith("chdb:") else settings.clickhouse_url
-    from deploy.stack import Stack
-
-    return Stack(settings).endpoints()["clickhouse"]
 
 
 def _pairs(values: list[str]) -> list[tuple[str, str]]:

@@ -65,6 +65,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         web_port=opts.web_port + worker_index,
         web_enabled=True,
         producer_acks=-1,
+        producer_linger_ms=5,  # let aiokafka batch: one produce request per few records, not one per record
         table_cleanup_interval=3600.0,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",

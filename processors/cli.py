@@ -9,7 +9,7 @@ from postback.config import ProcessOptions, Settings
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.cli import kafka_bootstrap
+    from postback.endpoints import kafka_bootstrap
     from processors.worker import serve
 
     opts = ProcessOptions(late_click_wait_s=args.late_click_wait, web_port=args.web_port,

@@ -9,7 +9,8 @@ from postback.config import Settings, SinkOptions
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.service import clickhouse_url, migrate, serve
+    from postback.endpoints import clickhouse_url
+    from sinks.service import migrate, serve
 
     opts = SinkOptions(database=args.database, max_rows=args.batch_rows, max_age_s=args.batch_seconds,
                        metrics_port=args.metrics_port,
@@ -18,7 +19,7 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
         applied = migrate(clickhouse_url(settings), args.database)
         print(f"applied migrations: {applied or 'none (up to date)'}")
         return 0
-    from ingest.cli import kafka_bootstrap
+    from postback.endpoints import kafka_bootstrap
 
     return serve(settings, kafka_bootstrap(settings), opts, args.only)
 
@@ -45,7 +46,8 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from sinks.queries import trace
-    from sinks.service import clickhouse_url, client_factory
+    from postback.endpoints import clickhouse_url
+    from sinks.service import client_factory
 
     journey = trace(client_factory(clickhouse_url(settings), args.database)(), args.id)
     if args.json:

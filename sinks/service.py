@@ -16,19 +16,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from postback.config import SinkOptions, Settings
+from postback.endpoints import clickhouse_url
 from postback.topics import Topics, ensure_topics
 
 log = logging.getLogger("sinks")
-
-
-def clickhouse_url(settings: Settings) -> str:
-    """`CLICKHOUSE_URL`, else the running local stack's server, else the embedded engine under the state dir."""
-    if settings.clickhouse_url:
-        return settings.clickhouse_url
-    from deploy.stack import Stack
-
-    url = Stack(settings).endpoints()["clickhouse"]
-    return url or f"chdb://{settings.state_dir / 'clickhouse-embedded'}"
 
 
 def client_factory(url: str, database: str | None = None) -> Callable[[], Any]:
