@@ -12,13 +12,17 @@ say() { printf '[bootstrap] %s\n' "$*"; }
 need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+required=${#need_apt[@]}
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)   # optional: the load generator of bench/ingest.py
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing ${need_apt[*]} with apt-get"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  else
+  elif ((required)); then
     say "missing: ${need_apt[*]} (install Java 17+ and Maven, then re-run)"; exit 1
+  else
+    say "optional: ${need_apt[*]} not installed (only bench/ingest.py needs it)"
   fi
 fi
 
