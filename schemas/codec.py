@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from io import BytesIO
 from typing import Any
 
-from fastavro import schemaless_reader
 from fastavro.repository import AbstractSchemaRepository, SchemaRepositoryError
 from fastavro.schema import UnknownType, fingerprint, load_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 from schemas import SCHEMA_DIR
+from schemas.fastreader import compile_reader
 from schemas.fastwriter import compile_writer
 
 __all__ = [
@@ -138,7 +137,7 @@ class Codec:
     (8 bytes, CRC-64-AVRO little-endian, as on the wire).
     """
 
-    __slots__ = ("name", "schema", "canonical_form", "fingerprint", "_reader_schema", "_header", "_write")
+    __slots__ = ("name", "schema", "canonical_form", "fingerprint", "_reader_schema", "_header", "_write", "_read")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -153,6 +152,8 @@ class Codec:
         self._header = MARKER + self.fingerprint
         # Byte-identical to fastavro's schemaless_writer, ~4x faster (schemas/fastwriter.py).
         self._write = compile_writer(self.schema, prefix=self._header)
+        # Same records as fastavro's schemaless_reader, ~1.8x faster (schemas/fastreader.py).
+        self._read = compile_reader(self._reader_schema)
 
     @classmethod
     def for_record(cls, name: str) -> Codec:
@@ -192,14 +193,12 @@ class Codec:
             _check_header(data)  # raises the precise error
             other = _by_fingerprint()[data[2:HEADER_LEN]].name
             raise SchemaMismatch(f"expected a {self.name} message, got a {other} message")
-        buf = BytesIO(data)
-        buf.seek(HEADER_LEN)
         try:
-            record = schemaless_reader(buf, self._reader_schema)
-        except Exception as exc:  # fastavro raises EOFError, IndexError, UnicodeDecodeError, ...
+            record, end = self._read(data, HEADER_LEN)
+        except Exception as exc:  # fastreader raises ValueError for truncated/corrupt bodies
             raise CodecError(f"corrupt {self.name} body: {exc!r}") from exc
-        if buf.tell() != len(data):
-            raise CodecError(f"corrupt {self.name} body: {len(data) - buf.tell()} trailing bytes")
+        if end != len(data):
+            raise CodecError(f"corrupt {self.name} body: {len(data) - end} trailing bytes")
         return record
 
     def _invalid(self, exc: ValidationError) -> InvalidRecord:
