@@ -57,8 +57,7 @@ class KafkaService:
 
         consumer = Consumer({"bootstrap.servers": self.bootstrap_servers, "group.id": unique_name("count")})
         try:
-            parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
-            return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts)
+            return sum(_high_watermarks(consumer, topic, timeout).values())
         finally:
             consumer.close()
 
@@ -69,9 +68,8 @@ class KafkaService:
         consumer = Consumer({"bootstrap.servers": self.bootstrap_servers, "group.id": unique_name("read"),
                              "enable.auto.commit": False})
         try:
-            parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
-            ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
-            consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+            ends = _high_watermarks(consumer, topic, timeout)
+            consumer.assign([TopicPartition(topic, p, 0) for p in ends])
             want = sum(ends.values())
             out: list[Any] = []
             deadline = time.monotonic() + timeout
@@ -86,6 +84,21 @@ class KafkaService:
             return out
         finally:
             consumer.close()
+
+
+def _high_watermarks(consumer: Any, topic: str, timeout: float) -> dict[int, int]:
+    """Partition -> high watermark, retrying while a just-created topic's leaders are being elected."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in parts}
+        except KafkaException as exc:
+            if not exc.args[0].retriable() and exc.args[0].code() not in (6, 3) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import faust
 
 from postback.config import ProcessOptions, Settings
 from postback.partners import PartnerConfig
-from postback.topics import Topics
+from postback.topics import Topics, TopicSpec
 from processors import stages
 from schemas.codec import Codec
 
@@ -42,8 +42,31 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _event_id(event: Any) -> str:
+    """Where an event sits in Kafka: replaying it yields the same id (see stages._release)."""
+    message = event.message
+    return f"{message.topic}:{message.partition}:{message.offset}"
+
+
 def broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{server.strip()}" for server in bootstrap.split(","))
+
+
+TABLES = ("dedupe", "clicks", "pending")
+
+
+def app_id(settings: Settings) -> str:
+    return f"{settings.topic_prefix}-processor"
+
+
+def changelog_topics(settings: Settings, opts: ProcessOptions) -> list[TopicSpec]:
+    """The tables' changelog topics (compacted), named as faust names them.
+
+    Created before a worker starts: faust declares them itself too, but a worker whose
+    first table write races that declaration crashes with `PartitionsMismatch`.
+    """
+    return [TopicSpec(f"{app_id(settings)}-{table}-changelog", "table key", opts.partitions, "internal-json",
+                      compacted=True, retention_ms=None) for table in TABLES]
 
 
 def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts: ProcessOptions,
@@ -51,7 +74,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     """Build the processor app; every worker of one deployment uses the same app id (consumer group)."""
     topics = Topics(settings.topic_prefix)
     app = faust.App(
-        f"{settings.topic_prefix}-processor",
+        app_id(settings),
         broker=broker_url(bootstrap),
         store="rocksdb://",
         datadir=str(data_dir),
@@ -125,7 +148,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         async for event in stream.events():
             partition = event.message.partition
             if event.key == TICK:
-                await emit(stages.expire_pending(pending_table, partition, partners, _now_ms()))
+                await emit(stages.expire_pending(pending_table, partition, partners, _now_ms(), _event_id(event)))
                 continue
             conversion = stages.decode_internal(event.value)
             await emit(stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
@@ -133,9 +156,10 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     @app.agent(clicks_in)
     async def clicks(stream: Any) -> None:
-        async for click_bytes in stream:
-            click = click_codec.decode(click_bytes)
-            await emit(stages.click_arrived(click, clicks_table, pending_table, partners, _now_ms()))
+        async for event in stream.events():
+            click = click_codec.decode(event.value)
+            await emit(stages.click_arrived(click, clicks_table, pending_table, partners, _now_ms(),
+                                            _event_id(event)))
 
     async def tick(topic: faust.TopicT) -> None:
         for partition in range(opts.partitions):

@@ -141,6 +141,11 @@ def _attributed(conversion: dict[str, Any], click: dict[str, Any] | None, partne
     return Output("conversion", out["conversion_id"], out)
 
 
+#: An emitted waiting conversion is forgotten only this long after it was emitted, by a later event:
+#: by then the event that emitted it is committed, so no replay can need its output again.
+EMITTED_GRACE_MS = 60_000
+
+
 def attribute_conversion(conversion: dict[str, Any], clicks: Mapping[str, Any], pending: MutableMapping[str, Any],
                          partition: int, partners: PartnerConfig, now_ms: int,
                          wait_ms: int = DEFAULT_LATE_CLICK_WAIT_MS) -> list[Output]:
@@ -150,45 +155,79 @@ def attribute_conversion(conversion: dict[str, Any], clicks: Mapping[str, Any], 
     if click is not None:
         return [_attributed(conversion, click, partners, now_ms)]
     waiting = dict(pending.get(click_id) or {"p": partition, "items": {}})
-    waiting["items"] = dict(waiting["items"])
-    waiting["items"][conversion["receipt_id"]] = {"deadline": now_ms + wait_ms, "conversion": encode_internal(
-        conversion)}
-    pending[click_id] = waiting
+    items = dict(waiting["items"])
+    if conversion["receipt_id"] in items:
+        return []  # replayed: it is already waiting (or was emitted by the event that emitted it)
+    items[conversion["receipt_id"]] = {"deadline": now_ms + wait_ms, "conversion": encode_internal(conversion)}
+    pending[click_id] = dict(waiting, items=items)
     return []
 
 
+def _release(waiting: dict[str, Any], ready: Callable[[dict[str, Any]], bool], click: dict[str, Any] | None,
+             partners: PartnerConfig, now_ms: int, event_id: str) -> tuple[list[Output], dict[str, Any] | None]:
+    """Emit the waiting items that are `ready`, remembering which event emitted each.
+
+    Why not just delete them: processing is at-least-once. If the worker dies after this
+    state change but before the outputs are flushed, the same event is processed again and
+    must emit them again. So an emitted item keeps its output and the id of the event that
+    emitted it; replaying that event re-emits exactly those outputs. Emitted items are
+    deleted later (after EMITTED_GRACE_MS), by another event.
+    """
+    outputs: list[Output] = []
+    items = dict(waiting["items"])
+    changed = False
+    for receipt, item in waiting["items"].items():
+        if "out" in item:
+            if item["by"] == event_id:  # this very event, replayed
+                outputs.append(Output("conversion", item["out"]["conversion_id"], decode_internal(item["out_json"])))
+            continue
+        if not ready(item):
+            continue
+        out = _attributed(decode_internal(item["conversion"]), click, partners, now_ms)
+        items[receipt] = dict(item, out={"conversion_id": out.key}, out_json=encode_internal(out.record),
+                              by=event_id, emitted_at=now_ms)
+        outputs.append(out)
+        changed = True
+    return outputs, (dict(waiting, items=items) if changed else None)
+
+
 def click_arrived(click: dict[str, Any], clicks: MutableMapping[str, Any], pending: MutableMapping[str, Any],
-                  partners: PartnerConfig, now_ms: int) -> list[Output]:
+                  partners: PartnerConfig, now_ms: int, event_id: str = "") -> list[Output]:
     """A click is stored; conversions that waited for it are attributed now."""
     click_id = click["click_id"]
-    clicks[click_id] = {name: click.get(name) for name in
-                        ("clicked_at_ms", "offer_id", "affiliate_id", "campaign_id", "sub1", "sub2", "sub3",
-                         "sub4", "sub5")}
+    stored = {name: click.get(name) for name in
+              ("clicked_at_ms", "offer_id", "affiliate_id", "campaign_id", "sub1", "sub2", "sub3", "sub4", "sub5")}
+    if clicks.get(click_id) != stored:
+        clicks[click_id] = stored
     waiting = pending.get(click_id)
     if not waiting:
         return []
-    del pending[click_id]
-    return [_attributed(decode_internal(item["conversion"]), clicks[click_id], partners, now_ms)
-            for item in waiting["items"].values()]
+    outputs, updated = _release(waiting, lambda _item: True, stored, partners, now_ms, event_id)
+    if updated is not None:
+        pending[click_id] = updated
+    return outputs
 
 
 def expire_pending(pending: MutableMapping[str, Any], partition: int, partners: PartnerConfig,
-                   now_ms: int, limit: int = 10_000) -> list[Output]:
-    """Conversions whose click did not arrive in time are emitted unattributed (`no_click`)."""
+                   now_ms: int, event_id: str = "", limit: int = 10_000) -> list[Output]:
+    """Conversions whose click did not arrive in time are emitted unattributed (`no_click`).
+
+    Runs on a tick of `partition`; also forgets items emitted more than EMITTED_GRACE_MS ago.
+    """
     outputs: list[Output] = []
     for click_id, waiting in list(pending.items()):
         if waiting.get("p") != partition:
             continue
-        due = {r: item for r, item in waiting["items"].items() if item["deadline"] <= now_ms}
-        if not due:
-            continue
-        for item in due.values():
-            outputs.append(_attributed(decode_internal(item["conversion"]), None, partners, now_ms))
-        rest = {r: item for r, item in waiting["items"].items() if r not in due}
-        if rest:
-            pending[click_id] = dict(waiting, items=rest)
-        else:
+        released, updated = _release(waiting, lambda item: item["deadline"] <= now_ms, None, partners, now_ms,
+                                     event_id)
+        outputs.extend(released)
+        current = updated or waiting
+        keep = {r: item for r, item in current["items"].items()
+                if "out" not in item or now_ms - item["emitted_at"] <= EMITTED_GRACE_MS or item["by"] == event_id}
+        if not keep:
             del pending[click_id]
+        elif updated is not None or len(keep) != len(current["items"]):
+            pending[click_id] = dict(current, items=keep)
         if len(outputs) >= limit:
             break
     return outputs

@@ -46,7 +46,10 @@ def serve(settings: Settings, bootstrap: str, opts: ProcessOptions, workers: int
     from confluent_kafka.admin import AdminClient
 
     load_partners(settings)  # fail fast on a broken partner file
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), Topics(settings.topic_prefix))
+    from processors.app import changelog_topics
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    ensure_topics(admin, Topics(settings.topic_prefix).all() + changelog_topics(settings, opts))
     data_root.mkdir(parents=True, exist_ok=True)
     if workers <= 1:
         run_worker(settings, bootstrap, opts, 0, data_root, loglevel)

@@ -207,17 +207,40 @@ def test_late_click_attributes_waiting_conversion() -> None:
     pending: dict = {}
     assert stages.attribute_conversion(_conversion(), clicks, pending, 4, PARTNERS, NOW, wait_ms=60_000) == []
     assert pending["C1"]["p"] == 4
-    [out] = stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 1000)
-    assert out.record["attribution"] == "attributed" and pending == {}
+    [out] = stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 1000, "clicks:4:17")
+    assert out.record["attribution"] == "attributed"
+    # Kept (marked emitted) until a later tick after the grace period, so a replay can re-emit.
+    assert stages.expire_pending(pending, 4, PARTNERS, NOW + 2000, "tick:4:1") == []
+    assert "C1" in pending
+    assert stages.expire_pending(pending, 4, PARTNERS, NOW + 1000 + stages.EMITTED_GRACE_MS + 1, "tick:4:2") == []
+    assert pending == {}
+
+
+def test_replaying_the_emitting_event_emits_the_same_outputs_again() -> None:
+    """At-least-once: the click event's state change survived a crash, its outputs did not."""
+    clicks: dict = {}
+    pending: dict = {}
+    stages.attribute_conversion(_conversion(), clicks, pending, 4, PARTNERS, NOW, wait_ms=60_000)
+    [first] = stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 1000, "clicks:4:17")
+    [again] = stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 5000, "clicks:4:17")  # same event
+    assert again.record == first.record and again.key == first.key
+    assert stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 6000, "clicks:4:99") == []  # another event
+    # A replayed conversion event does not park the receipt a second time.
+    assert stages.attribute_conversion(_conversion(), {}, pending, 4, PARTNERS, NOW, wait_ms=60_000) == []
+    assert len(pending["C1"]["items"]) == 1
 
 
 def test_conversion_without_its_click_is_emitted_unattributed_after_the_wait() -> None:
     pending: dict = {}
     stages.attribute_conversion(_conversion(click_id="GONE"), {}, pending, 1, PARTNERS, NOW, wait_ms=60_000)
-    assert stages.expire_pending(pending, 1, PARTNERS, NOW + 30_000) == []  # still waiting
-    assert stages.expire_pending(pending, 0, PARTNERS, NOW + 61_000) == []  # another partition's tick
-    [out] = stages.expire_pending(pending, 1, PARTNERS, NOW + 61_000)
+    assert stages.expire_pending(pending, 1, PARTNERS, NOW + 30_000, "t:1:1") == []  # still waiting
+    assert stages.expire_pending(pending, 0, PARTNERS, NOW + 61_000, "t:0:1") == []  # another partition's tick
+    [out] = stages.expire_pending(pending, 1, PARTNERS, NOW + 61_000, "t:1:2")
     assert (out.record["attributed"], out.record["attribution"]) == (False, "no_click")
+    [replayed] = stages.expire_pending(pending, 1, PARTNERS, NOW + 62_000, "t:1:2")  # the same tick, replayed
+    assert replayed.record == out.record
+    assert stages.expire_pending(pending, 1, PARTNERS, NOW + 62_000, "t:1:3") == []  # a later tick: nothing new
+    stages.expire_pending(pending, 1, PARTNERS, NOW + 61_000 + stages.EMITTED_GRACE_MS + 1, "t:1:4")
     assert pending == {}
 
 

@@ -55,7 +55,7 @@ def _workload(pipeline: Pipeline, orders: int, now: int) -> tuple[set[str], dict
     order_of: dict[str, str] = {}
     for i in range(orders):
         cid = f"CK{i}"
-        if i % 2 == 0:
+        if i % 2 == 0:  # clicks for odd i come late (i % 4 == 1) or never (i % 4 == 3: no_click after the wait)
             pipeline.send_click(click(cid, now - 10_000))
         params = [("advertiser_id", "demo"), ("event", "purchase"), ("click_id", cid), ("order_id", f"ORD{i}"),
                   ("amount", f"{i % 50}.25"), ("currency", "USD")]
@@ -68,6 +68,8 @@ def _workload(pipeline: Pipeline, orders: int, now: int) -> tuple[set[str], dict
             pipeline.send_raw(raw_postback(params, repeat, now + orders + i), key=cid)
             receipts.add(repeat)
             order_of[repeat] = f"ORD{i}"
+    for i in range(1, orders, 4):  # late clicks: they arrive after their conversions (attributed on arrival)
+        pipeline.send_click(click(f"CK{i}", now - 5_000))
     pipeline.flush()
     return receipts, order_of
 
