@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -73,26 +72,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "bench"
-# As in bench/ingest.py: bench/ must not shadow the repository's packages.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+# Run as `python bench/e2e.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
+# shadow the `ingest` package: put the repository there instead (see bench/common.py).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 from bench.e2e_load import create_clicks  # noqa: E402
-from bench.ingest import (  # noqa: E402
-    _children,
-    _descendants,
-    host_cpu_ticks,
-    host_info,
-    log,
-    mb,
-    positive_int,
-    sigterm_as_interrupt,
-    tree_cpu_s,
-    tree_rss_kb,
+from bench.common import (  # noqa: E402
+    ADVERTISER, BENCH_DIR, KEY_ID, OFFER, PARTNERS_TOML, SECRET, add_output_args, checked_number, child_env,
+    children, delete_topics_with_prefix, descendants, host_cpu_ticks, host_info, http_get, loadavg, log, mb,
+    positive_int, run_and_report, spawn, tree_cpu_s, tree_hwm_kb, tree_rss_kb,
 )
-from bench.process import delete_all_topics, tree_hwm_kb  # noqa: E402
-from deploy.procs import die_with_parent, free_port, tail  # noqa: E402
+from deploy.procs import free_port, tail  # noqa: E402
 from deploy.providers import ClickHouseService, clickhouse_service, kafka_service, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
 from postback.topics import Topics  # noqa: E402
@@ -100,21 +91,6 @@ from processors.signing import sign_query  # noqa: E402
 
 LOAD_SCRIPT = BENCH_DIR / "e2e_load.py"
 DEFAULT_JSON_OUT = BENCH_DIR / "results" / "e2e.json"
-ADVERTISER = "bench"
-KEY_ID = "k1"
-SECRET = "bench-secret-k1-0123456789abcdef"
-OFFER = "offer-1"
-# No landing_url: GET /click answers 200 with the click id. No allow_ips: any source.
-PARTNERS_TOML = f"""
-[advertisers.{ADVERTISER}]
-auth_modes = ["hmac"]
-secrets = {{ {KEY_ID} = "{SECRET}" }}
-timestamp_tolerance_s = 300
-
-[offers.{OFFER}]
-advertiser_id = "{ADVERTISER}"
-attribution_window_days = 7
-"""
 CHILDREN = ("ingest", "process", "sink")
 RECEIPTS_TABLE = "bench_e2e_receipts"
 
@@ -146,7 +122,7 @@ def cmdline(pid: int) -> str:
 def infra_pids() -> dict[str, int]:
     """The local Kafka broker and ClickHouse server, when the providers started them (our children)."""
     found: dict[str, int] = {}
-    for pid in _children(os.getpid()):
+    for pid in children(os.getpid()):
         line = cmdline(pid)
         if "kafka.Kafka" in line:
             found["kafka"] = pid
@@ -177,9 +153,9 @@ class Pipeline:
     def track(self) -> None:
         """Remember every process now in the tree (the children run in sessions of their own, so a
         `postback run` that died abruptly would leave them: they are killed at the end)."""
-        pids = set(_descendants(self.proc.pid)) | set(self.children().values())
+        pids = set(descendants(self.proc.pid)) | set(self.children().values())
         for child in list(self.children().values()):
-            pids |= set(_descendants(child))
+            pids |= set(descendants(child))
         with self.lock:
             for pid in pids:
                 if self.known.get(pid) is None:
@@ -228,9 +204,8 @@ def start_pipeline(args: argparse.Namespace, scratch: Path, bootstrap: str, clic
     partners = scratch / "partners.toml"
     partners.write_text(PARTNERS_TOML)
     state = scratch / "state"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "POSTBACK_SINK_FAULT")}
-    env.update(PYTHONPATH=str(REPO), KAFKA_BOOTSTRAP_SERVERS=bootstrap, CLICKHOUSE_URL=clickhouse_url,
-               POSTBACK_STATE_DIR=str(state), POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
+    env = child_env(("POSTBACK_SINK_FAULT",), KAFKA_BOOTSTRAP_SERVERS=bootstrap, CLICKHOUSE_URL=clickhouse_url,
+                    POSTBACK_STATE_DIR=str(state), POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
     argv = [sys.executable, "-m", "postback.cli", "run", "--port", str(free_port()),
             "--process-web-port", str(free_port()), "--sink-metrics-port", str(free_port()),
             "--late-click-wait", f"{args.late_click_wait:g}", "--database", database,
@@ -239,8 +214,7 @@ def start_pipeline(args: argparse.Namespace, scratch: Path, bootstrap: str, clic
     log("starting: " + " ".join(argv[1:]))
     with open(log_path, "wb") as out:
         # Own session: Ctrl-C reaches only the benchmark, which then stops it with SIGTERM.
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        proc = spawn(argv, env, out)
     pipe = Pipeline(proc, state, log_path)
     deadline = time.monotonic() + args.ready_timeout
     while True:
@@ -553,17 +527,6 @@ def server_latency(before: dict[str, float] | None, after: dict[str, float] | No
 
 
 # -- warm-up --------------------------------------------------------------------------
-def http_get(url: str, timeout: float = 20.0) -> tuple[int, bytes]:
-    host_port, _, path = url.split("//", 1)[1].partition("/")
-    conn = http.client.HTTPConnection(host_port, timeout=timeout)
-    try:
-        conn.request("GET", "/" + path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def wait_for(predicate: Any, timeout: float, what: str, pipe: Pipeline, interval: float = 0.5) -> float:
     """Seconds until `predicate()` is truthy (exceptions count as "not yet"); TimeoutError after `timeout`."""
     started = time.monotonic()
@@ -629,8 +592,7 @@ def run_generator(args: argparse.Namespace, url: str, ids_file: Path, tag: str, 
             "--tag", tag, "--click-ids-file", str(ids_file), "--click-fraction", f"{args.click_fraction:g}",
             "--connections", str(args.connections), "--request-timeout", f"{args.request_timeout:g}",
             "--seed", str(args.seed), "--out", str(out)]
-    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    proc = spawn(argv, None, subprocess.DEVNULL, None)
     sampler.watch("load", proc.pid)
     try:
         code = proc.wait(timeout=args.duration + args.request_timeout + 120)
@@ -685,7 +647,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         log(f"Kafka ({kafka.provider}) at {kafka.bootstrap_servers}, ClickHouse ({clickhouse.provider}) at "
             f"{clickhouse.url}; prefix {prefix}, database {database}")
         if kafka.provider == "external":
-            stack.callback(delete_all_topics, kafka, prefix)
+            stack.callback(delete_topics_with_prefix, kafka, prefix)
         if clickhouse.provider == "external":
             stack.callback(clickhouse.drop_database, database)
         if args.logs_dir:
@@ -784,7 +746,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     ok = (lost == 0 and figures["duplicates"] == 0 and figures["outcome_rows_equal_202s"]
           and figures["missing_conversions"] == 0 and figures["not_accepted"] == 0 and stopped["code"] == 0
           and not stopped["leftovers"])
-    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    host["loadavg_end"] = loadavg()
     report = {
         "benchmark": "e2e",
         "rate_target": args.rate,
@@ -893,18 +855,8 @@ def markdown_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
+fraction = checked_number("fraction", float, lambda v: 0 <= v <= 1, "must be between 0 and 1, got {value:g}")
+positive_float = checked_number("positive_float", float, lambda v: v > 0, "must be > 0, got {value:g}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -953,30 +905,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-timeout", type=positive_float, default=150.0, metavar="S",
                         help="how long postback run may take to exit after SIGTERM (default 150)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generator's click choice (default 1)")
-    parser.add_argument("--logs-dir", type=Path, metavar="DIR",
-                        help="copy postback run's log and the ingest/process/sink logs here")
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT, metavar="PATH",
-                        help="where to write the JSON report (default bench/results/e2e.json)")
+    add_output_args(parser, DEFAULT_JSON_OUT, "copy postback run's log and the ingest/process/sink logs here")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    real_stdout = sys.stdout
-    try:
-        # Anything a library prints (e.g. Kafka jar download progress) must not corrupt the JSON.
-        with sigterm_as_interrupt(), contextlib.redirect_stdout(sys.stderr):
-            report = benchmark(args)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
-    text = json.dumps(report, indent=2)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(text + "\n")
-    print(markdown_table(report), file=sys.stderr)
-    log(f"report written to {args.json_out}")
-    print(text, file=real_stdout, flush=True)
-    return 0 if report["ok"] else 1
+    return run_and_report(lambda: benchmark(args), args.json_out, markdown_table, lambda report: report["ok"])
 
 
 if __name__ == "__main__":

@@ -38,19 +38,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "bench"
-# As in bench/ingest.py: bench/ must not shadow the repository's packages.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+# Run as `python bench/e2e_load.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
+# shadow the `ingest` package: put the repository there instead (see bench/common.py).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 import aiohttp  # noqa: E402
 from yarl import URL  # noqa: E402
 
+from bench.common import log as _log  # noqa: E402
 from processors.signing import sign_query  # noqa: E402
 
 
 def log(message: str) -> None:
-    print(f"[load {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, marked as the generator's."""
+    _log(message, "load")
 
 
 def percentiles(values: Sequence[float], points: Sequence[float] = (50, 90, 99, 99.9)) -> dict[str, float | None]:

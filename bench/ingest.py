@@ -33,32 +33,30 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import http.client
 import json
-import os
-import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "bench"
-# Run as `python bench/ingest.py`, Python puts bench/ first on sys.path, where this file
-# would shadow the `ingest` package; put the repository there instead.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+# Run as `python bench/ingest.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
+# shadow the `ingest` package: put the repository there instead (see bench/common.py).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-from deploy.procs import die_with_parent, tail, wait_until  # noqa: E402
-from deploy.providers import KafkaService, kafka_service, unique_name  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH_DIR, REPO, RssSampler, add_output_args, child_env, host_busy_pct, host_cpu_ticks, host_info, http_get,
+    loadavg, log, loop_name, mb, positive_int, run_and_report, settled_count, spawn, start_kafka, stop_process,
+    tree_cpu_s,
+)
+from deploy.procs import tail, wait_until  # noqa: E402
+from deploy.providers import KafkaService, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
 from postback.topics import Topics  # noqa: E402
 
@@ -70,19 +68,10 @@ LISTENING = re.compile(r"listening on http://([0-9.]+):(\d+)")
 WRK_JSON = re.compile(r"^WRK_JSON (\{.*\})\s*$", re.MULTILINE)
 
 
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 # -- servers under test ---------------------------------------------------------------
 def healthy(url: str) -> bool:
     try:
-        conn = http.client.HTTPConnection(url.split("//", 1)[1], timeout=1)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        finally:
-            conn.close()
+        return http_get(f"{url}/healthz", timeout=1)[0] == 200
     except OSError:
         return False
 
@@ -102,8 +91,7 @@ class Server:
               timeout: float = 90.0) -> Server:
         """Start `argv` and return once it announced its port and answers /healthz."""
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+            proc = spawn(argv, env, out)
         server = cls(name, proc, log_path)
         try:
             wait_until(server._ready, timeout, f"{name} to answer /healthz")
@@ -127,113 +115,7 @@ class Server:
         """SIGTERM and wait (the graceful path under test); SIGKILL the whole process
         group only if it does not exit in time. Idempotent; returns the exit code
         (negative: killed by that signal)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not exit {timeout:.0f}s after SIGTERM: SIGKILL")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-# -- memory ---------------------------------------------------------------------------
-def _vmrss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0  # gone, or a zombie (no VmRSS line)
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:  # children are listed per creating thread
-        with contextlib.suppress(OSError, ValueError):
-            kids.extend(int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-    return kids
-
-
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (the ingester's workers with --workers N)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.append(p)
-            todo.extend(_children(p))
-    return out
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds used so far by `pid` and its descendants."""
-    ticks = 0
-    for p in _descendants(pid):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return ticks / _CLK_TCK
-
-
-def host_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs since boot, from the first line of /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is already inside user/nice
-    return total - idle, total
-
-
-def tree_rss_kb(pid: int) -> int:
-    """VmRSS of `pid` plus all its descendants (the ingester's workers with --workers N).
-
-    A sum over-counts pages shared between processes (e.g. after fork); with the spawn
-    start method the workers share little, so it is close to the real footprint."""
-    return sum(_vmrss_kb(p) for p in _descendants(pid))
-
-
-class RssSampler(threading.Thread):
-    """Samples each watched process tree's RSS a few times a second and keeps the peak."""
-
-    def __init__(self, pids: dict[str, int], interval_s: float = 0.2) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.pids = pids
-        self.interval_s = interval_s
-        self.first: dict[str, int] = {}
-        self.peak_kb: dict[str, int] = dict.fromkeys(pids, 0)
-        self._stop_event = threading.Event()
-        self._sample()
-        self.first = dict(self.peak_kb)
-
-    def _sample(self) -> None:
-        for name, pid in self.pids.items():
-            self.peak_kb[name] = max(self.peak_kb[name], tree_rss_kb(pid))
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            self._sample()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive():
-            self.join()
-        self._sample()
-
-
-def mb(kb: int) -> float:
-    return round(kb / 1024, 1)
+        return stop_process(self.proc, self.name, timeout=timeout)
 
 
 # -- load generation ------------------------------------------------------------------
@@ -298,33 +180,18 @@ def run_wrk(wrk: str, server: Server, concurrency: int, duration_s: int, tag: st
     connections. subprocess.run kills wrk if we are interrupted."""
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency", f"--timeout={timeout_s}s",
            "-s", str(LUA_SCRIPT), f"{server.url}/postback", "--", tag]
-    cpu_before, (busy_before, total_before) = tree_cpu_s(server.proc.pid), host_cpu_ticks()
+    cpu_before, host_before = tree_cpu_s(server.proc.pid), host_cpu_ticks()
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
     cpu_pct = 100 * (tree_cpu_s(server.proc.pid) - cpu_before) / (time.monotonic() - started)
-    busy_after, total_after = host_cpu_ticks()
-    host_pct = 100 * (busy_after - busy_before) / max(1, total_after - total_before)
+    host_pct = host_busy_pct(host_before, host_cpu_ticks())
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout}\n{done.stderr}")
     return replace(WrkResult.parse(done.stdout), server_cpu_pct=round(cpu_pct, 1),
-                   host_cpu_busy_pct=round(host_pct, 1))
+                   host_cpu_busy_pct=host_pct)
 
 
 # -- durability -----------------------------------------------------------------------
-def settled_count(kafka: KafkaService, topic: str, expect: int, timeout_s: float = 10.0) -> int:
-    """Records in `topic` once two readings agree and reach `expect`, or the last reading
-    after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last = kafka.count(topic)
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = kafka.count(topic)
-        if now == last and now >= expect:
-            return now
-        last = now
-    return last
-
-
 def duplicate_order_ids(kafka: KafkaService, topic: str) -> int:
     """Records whose order id was already seen in `topic`: each request carries a unique
     order id, so anything above 0 means a record was written twice (a retry without
@@ -368,20 +235,6 @@ class IngesterTotals:
         return result
 
 
-def host_info() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-            "kernel": platform.release()}
-
-
-def loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
 def benchmark(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
     """Start Kafka and both servers, run the load, check durability, stop everything."""
     host = host_info()
@@ -390,13 +243,10 @@ def benchmark(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
     topic = Topics(prefix).raw_postbacks.name
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, contextlib.ExitStack() as stack:
         scratch = Path(tmp)
-        log("starting Kafka (KAFKA_BOOTSTRAP_SERVERS if set, else a local broker) ...")
-        kafka = stack.enter_context(kafka_service(settings, scratch / "kafka"))
-        log(f"Kafka ({kafka.provider}) at {kafka.bootstrap_servers}; topic prefix {prefix}")
+        kafka = start_kafka(stack, settings, scratch, prefix, delete_topics=False)
 
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-        env.update(PYTHONPATH=str(REPO), KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
-                   POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(PARTNERS))
+        env = child_env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, POSTBACK_TOPIC_PREFIX=prefix,
+                        POSTBACK_CONFIG=str(PARTNERS))
         baseline = Server.start("baseline", [sys.executable, str(BARE_SERVER), "--port", "0"], env,
                                 scratch / "baseline.log")
         stack.callback(baseline.stop)
@@ -444,7 +294,7 @@ def benchmark(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
             delete_topics(kafka, Topics(prefix))
         lost = max(0, totals.ok - records)
         extra = max(0, records - totals.ok)
-        host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        host["loadavg_end"] = loadavg()
         return {
             "benchmark": "ingest",
             "duration_s": args.duration,
@@ -505,13 +355,6 @@ def concurrency_list(text: str) -> list[int]:
     return values
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/ingest.py",
@@ -538,23 +381,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="wrk per-request timeout; slower answers count as timeouts (default 10, "
                              "above the ingester's 5 s Kafka delivery timeout)")
     parser.add_argument("--wrk", default="wrk", help="wrk executable (default: wrk on PATH)")
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT, metavar="PATH",
-                        help="where to write the JSON report (default bench/results/ingest.json)")
+    add_output_args(parser, DEFAULT_JSON_OUT)
     return parser.parse_args(argv)
-
-
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every `finally` stops what it started."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -563,21 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if wrk is None:
         print(f"bench/ingest.py: error: {args.wrk!r} not found (apt-get install wrk)", file=sys.stderr)
         return 2
-    real_stdout = sys.stdout
-    try:
-        # Anything a library prints (e.g. Kafka jar download progress) must not corrupt the JSON.
-        with sigterm_as_interrupt(), contextlib.redirect_stdout(sys.stderr):
-            report = benchmark(args, wrk)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
-    text = json.dumps(report, indent=2)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(text + "\n")
-    print(markdown_table(report), file=sys.stderr)
-    log(f"report written to {args.json_out}")
-    print(text, file=real_stdout, flush=True)
-    return 0 if report["durable"] and report["ingester_exit_code"] == 0 else 1
+    return run_and_report(lambda: benchmark(args, wrk), args.json_out, markdown_table,
+                          lambda report: report["durable"] and report["ingester_exit_code"] == 0)
 
 
 if __name__ == "__main__":

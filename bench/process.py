@@ -57,13 +57,11 @@ import argparse
 import collections
 import contextlib
 import json
-import os
 import random
 import re
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,25 +71,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "bench"
-# As in bench/ingest.py: bench/ must not shadow the repository's packages.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+# Run as `python bench/process.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
+# shadow the `ingest` package: put the repository there instead (see bench/common.py).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-from bench.ingest import (  # noqa: E402
-    RssSampler,
-    _descendants,
-    host_cpu_ticks,
-    host_info,
-    log,
-    mb,
-    positive_int,
-    settled_count,
-    sigterm_as_interrupt,
-    tree_cpu_s,
+from bench.common import (  # noqa: E402
+    ADVERTISER, BENCH_DIR, CROCKFORD, KEY_ID, OFFER, PARTNERS_TOML, SECRET, Child, RssSampler, add_output_args,
+    add_profile_args, child_env, finish_py_spy, host_busy_pct, host_cpu_ticks, host_info, loadavg, log, mb,
+    positive_int, produce_records, profile_lines, run_and_report, settled_count, start_kafka, start_py_spy, thin,
+    tree_cpu_s, tree_hwm_kb,
 )
-from deploy.procs import die_with_parent, free_port, tail  # noqa: E402
-from deploy.providers import KafkaService, kafka_service, unique_name  # noqa: E402
+from deploy.procs import free_port, tail  # noqa: E402
+from deploy.providers import KafkaService, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
 from postback.topics import Topics, ensure_topics  # noqa: E402
 
@@ -99,21 +91,7 @@ FORWARDER = BENCH_DIR / "bare_forwarder.py"
 DEFAULT_JSON_OUT = BENCH_DIR / "results" / "process.json"
 KINDS = ("valid", "duplicate", "bad_signature", "late_click")
 DEFAULT_MIX = "valid=0.8,duplicate=0.1,bad_signature=0.05,late_click=0.05"
-ADVERTISER = "bench"
-KEY_ID = "k1"
-SECRET = "bench-secret-k1-0123456789abcdef"
-OFFER = "offer-1"
-PARTNERS_TOML = f"""
-[advertisers.{ADVERTISER}]
-auth_modes = ["hmac"]
-secrets = {{ {KEY_ID} = "{SECRET}" }}
-timestamp_tolerance_s = 300
-[offers.{OFFER}]
-advertiser_id = "{ADVERTISER}"
-attribution_window_days = 7
-"""
 FORM = "application/x-www-form-urlencoded"
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 READY = re.compile(r"\bReady\b")
 STARTED = re.compile(r"processor worker \d+ started")
 POLL_S = 0.2
@@ -235,46 +213,11 @@ def build_workload(n: int, mix: dict[str, float], seed: int, tag: str) -> Worklo
 
 def produce_all(bootstrap: str, topics: Topics, work: Workload) -> float:
     """Clicks of valid postbacks, then the raw postbacks, then the late clicks; flushed. Returns seconds."""
-    from confluent_kafka import Producer
-
-    from postback.kafka import producer_config
-
-    started = time.monotonic()
-    producer = Producer(producer_config(bootstrap, delivery_timeout_s=60.0))
-    failed: list[str] = []
-
-    def delivered(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failed.append(str(err))
-
-    for topic, records in ((topics.clicks.name, work.clicks_first), (topics.raw_postbacks.name, work.raw),
-                           (topics.clicks.name, work.clicks_last)):
-        for key, value in records:
-            while True:
-                try:
-                    producer.produce(topic, value, key, on_delivery=delivered)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            producer.poll(0)
-    left = producer.flush(120)
-    if left or failed:
-        raise RuntimeError(f"pre-fill: {left} records unflushed, {len(failed)} failed: {failed[:3]}")
-    return time.monotonic() - started
+    return produce_records(bootstrap, ((topics.clicks.name, work.clicks_first), (topics.raw_postbacks.name, work.raw),
+                                       (topics.clicks.name, work.clicks_last)), 60.0, 120)
 
 
 # -- measuring ------------------------------------------------------------------------
-def tree_hwm_kb(pid: int) -> int:
-    """VmHWM (the kernel's exact peak RSS) of `pid` plus its descendants; 0 when gone."""
-    total = 0
-    for p in _descendants(pid):
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-    return total
-
-
 class TopicCounter:
     """Records per group of topics: the sum of their partitions' high watermarks, as
     `KafkaService.count` computes it, but with one long-lived consumer so that polling
@@ -297,93 +240,6 @@ class TopicCounter:
 
     def close(self) -> None:
         self._consumer.close()
-
-
-class Child:
-    """A subprocess in its own session (Ctrl-C reaches only the benchmark, which stops it
-    deliberately) that dies with the benchmark even if that is SIGKILLed."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
-                 stdout_pipe: bool = False) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.started = time.monotonic()
-        with open(log_path, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE if stdout_pipe else out,
-                                         stderr=out if stdout_pipe else subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=die_with_parent)
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited early with {self.proc.returncode}:\n{tail(self.log_path)}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        """Signal and wait; SIGKILL the process group only if it does not exit in time.
-        Idempotent; returns the exit code (negative: killed by that signal)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not exit {timeout:.0f}s after signal {sig}: SIGKILL")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-
-def _frame_function(frame: str) -> str:
-    """py-spy raw frame `fn (path/file.py:123)` -> `fn (path/file.py)`."""
-    return re.sub(r":\d+\)$", ")", frame)
-
-
-_BOOT_FRAME = re.compile(r"\((<frozen runpy>|postback/cli\.py|processors/(cli|worker)\.py|mode/worker\.py)\)$"
-                         r"|^BaseEventLoop\.(run_forever|run_until_complete|_run_once) |^Handle\._run ")
-
-
-def _frame_package(frame: str) -> str:
-    """`fn (faust/streams.py)` -> `faust`; `fn (<frozen runpy>)` -> `<frozen runpy>`."""
-    found = re.search(r"\(([^()]*)\)$", frame)
-    where = found[1] if found else frame
-    return where if where.startswith("<") else where.split("/", 1)[0].removesuffix(".py")
-
-
-def top_frames(raw_path: Path, limit: int = 10) -> dict[str, Any]:
-    """Where the worker spends its time, from py-spy's raw (collapsed stack) output.
-
-    - `self`: the functions (line numbers merged) on top of the stack most often.
-    - `self_by_package`: the same, summed per top-level package of the file (asyncio,
-      faust, aiokafka, json, schemas, processors, ...).
-    - `inclusive`: functions anywhere on the stack, leaving out the start-up chain every
-      sample shares (runpy, the CLIs, mode's worker, the event loop's run/_run_once/Handle._run).
-    Percentages are of all samples; py-spy only counts threads that are not idle.
-    """
-    self_counts: collections.Counter[str] = collections.Counter()
-    incl_counts: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw_path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = [_frame_function(f) for f in stack.split(";")]
-        total += n
-        self_counts[frames[-1]] += n
-        for f in set(frames):
-            incl_counts[f] += n
-    by_package: collections.Counter[str] = collections.Counter()
-    for frame, n in self_counts.items():
-        by_package[_frame_package(frame)] += n
-
-    def rows(counter: collections.Counter[str], key: str = "frame") -> list[dict[str, Any]]:
-        return [{key: f, "samples": c, "pct": round(100 * c / total, 1)} for f, c in counter.most_common(limit)]
-
-    inclusive = collections.Counter({f: c for f, c in incl_counts.items() if not _BOOT_FRAME.search(f)})
-    return {"samples": total, "self": rows(self_counts), "self_by_package": rows(by_package, "package"),
-            "inclusive": rows(inclusive)}
 
 
 @dataclass
@@ -414,7 +270,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
     argv = [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(scratch / "worker-state"),
             "--web-port", str(free_port()), "--late-click-wait", str(args.late_click_wait),
             "--loglevel", args.worker_loglevel]
-    cpu_before, (busy_before, total_before) = 0.0, host_cpu_ticks()
+    cpu_before, host_before = 0.0, host_cpu_ticks()
     worker = Child("worker", argv, env, log_path)
     profiler: Child | None = None
     sampler: RssSampler | None = None
@@ -442,11 +298,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
                 first_output_s = elapsed
                 cpu_at_first_output = tree_cpu_s(worker.proc.pid)
                 if args.profile:
-                    raw = scratch / "py-spy.txt"
-                    profiler = Child("py-spy", [str(Path(sys.executable).with_name("py-spy")), "record", "-p",
-                                                str(worker.proc.pid), "-d", str(int(args.timeout)), "-r", "100",
-                                                "-f", "raw", "-o", str(raw), "--nonblocking"],
-                                     dict(os.environ), scratch / "py-spy.log")
+                    profiler = start_py_spy(worker.proc.pid, args.timeout, scratch)
                     log(f"py-spy sampling the worker (pid {worker.proc.pid}) ...")
             progress.append([round(elapsed, 2), total, counts["to_dedupe"], counts["to_attribute"]])
             if total >= n:
@@ -461,18 +313,12 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
         elapsed_s = time.monotonic() - worker.started
         cpu_s = tree_cpu_s(worker.proc.pid) - cpu_before
         hwm_kb = tree_hwm_kb(worker.proc.pid)
-        busy_after, total_after = host_cpu_ticks()
+        host_after = host_cpu_ticks()
         sampler.stop()
         log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start)")
         profile = None
         if profiler is not None:
-            profiler.stop(signal.SIGINT, timeout=30)  # py-spy writes its output on Ctrl-C
-            raw = scratch / "py-spy.txt"
-            if raw.exists():
-                profile = top_frames(raw, args.profile_top)
-                profile["window"] = "first output -> N outcomes"
-            else:
-                profile = {"error": tail(scratch / "py-spy.log")}
+            profile = finish_py_spy(profiler, scratch, args.profile_top, "first output -> N outcomes")
         log("stopping the worker (SIGTERM) ...")
         exit_code = worker.stop()
         if exit_code != 0:
@@ -481,7 +327,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
             elapsed_s=elapsed_s, first_output_s=first_output_s, started_line_s=started_line_s, ready_s=ready_s,
             outputs_at_done=total, cpu_s=cpu_s, cpu_s_from_first_output=cpu_s + cpu_before - cpu_at_first_output,
             cpu_pct=round(100 * cpu_s / elapsed_s, 1),
-            host_cpu_busy_pct=round(100 * (busy_after - busy_before) / max(1, total_after - total_before), 1),
+            host_cpu_busy_pct=host_busy_pct(host_before, host_after),
             rss_kb_peak=max(hwm_kb, sampler.peak_kb["worker"]), exit_code=exit_code, profile=profile,
             progress=progress)
     finally:
@@ -586,7 +432,7 @@ def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Top
     out_topic = kafka.create_topic(f"{topics.prefix}.bare-out", partitions=topics.raw_postbacks.partitions)
     argv = [sys.executable, str(FORWARDER), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
             topics.raw_postbacks.name, "--topic-out", out_topic, "--count", str(n), "--timeout", str(args.timeout)]
-    busy_before, total_before = host_cpu_ticks()
+    host_before = host_cpu_ticks()
     # CPU of reaped children: the worker and py-spy were reaped before, the broker is not
     # reaped until the end, so the difference is the baseline's own CPU time.
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -602,7 +448,7 @@ def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Top
         exit_code = child.stop()
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
-    busy_after, total_after = host_cpu_ticks()
+    host_after = host_cpu_ticks()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if exit_code != 0 or not lines:
         raise RuntimeError(f"baseline exited {exit_code}: {out}\n{tail(scratch / 'baseline.log')}")
@@ -619,7 +465,7 @@ def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Top
         "first_record_s": round(result["t_first_record"] - child.started, 3),
         "cpu_pct": round(100 * cpu_s / elapsed, 1),
         "cpu_ms_per_event": round(1000 * cpu_s / n, 4),
-        "host_cpu_busy_pct": round(100 * (busy_after - busy_before) / max(1, total_after - total_before), 1),
+        "host_cpu_busy_pct": host_busy_pct(host_before, host_after),
         # ru_maxrss (KB on Linux) from the child itself: it lives too briefly for sampling.
         "rss_mb_peak": mb(max(int(result.get("max_rss_kb", 0)), sampler.peak_kb["baseline"])),
         "records_in_output_topic": records,
@@ -636,11 +482,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     n = args.postbacks
     with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp, contextlib.ExitStack() as stack:
         scratch = Path(tmp)
-        log("starting Kafka (KAFKA_BOOTSTRAP_SERVERS if set, else a local broker) ...")
-        kafka = stack.enter_context(kafka_service(settings, scratch / "kafka"))
-        log(f"Kafka ({kafka.provider}) at {kafka.bootstrap_servers}; topic prefix {prefix}")
-        if kafka.provider == "external":
-            stack.callback(delete_all_topics, kafka, prefix)
+        kafka = start_kafka(stack, settings, scratch, prefix)
         ensure_topics(kafka.admin(), topics)
         if args.logs_dir:  # also when the run fails: that is when the logs matter most
             stack.callback(copy_logs, scratch, args.logs_dir)
@@ -658,9 +500,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         partners = scratch / "partners.toml"
         partners.write_text(PARTNERS_TOML)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PYTHONPATH=str(REPO), KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
-                   POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
+        env = child_env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, POSTBACK_TOPIC_PREFIX=prefix,
+                        POSTBACK_CONFIG=str(partners))
         worker_env = dict(env, **dict(args.worker_env))
 
         log(f"starting one worker (late-click-wait {args.late_click_wait:g}s), timing until {n:,} outcomes ...")
@@ -714,7 +555,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     })
     if w.profile is not None:
         details["profile"] = w.profile
-    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    host["loadavg_end"] = loadavg()
     return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
             "ratio": ratio, "correct": details["correct"], "details": details, "host": host}
 
@@ -725,26 +566,6 @@ def copy_logs(scratch: Path, logs_dir: Path) -> None:
         if (scratch / name).exists():
             shutil.copy(scratch / name, logs_dir / name)
     log(f"logs copied to {logs_dir}")
-
-
-def thin(progress: list[list[float]], every_s: float) -> list[list[float]]:
-    """About one progress sample per `every_s` seconds, always keeping the last."""
-    out: list[list[float]] = []
-    for row in progress:
-        if not out or row[0] - out[-1][0] >= every_s or row is progress[-1]:
-            out.append(row)
-    return out
-
-
-def delete_all_topics(kafka: KafkaService, prefix: str) -> None:
-    """On a shared cluster, remove this run's topics (ours, faust's changelogs, the baseline's)."""
-    try:
-        names = [t for t in kafka.admin().list_topics(timeout=30).topics if t.startswith(prefix)]
-        for future in kafka.admin().delete_topics(names, operation_timeout=30).values():
-            future.result(timeout=30)
-        log(f"deleted {len(names)} topics {prefix}*")
-    except Exception as exc:  # noqa: BLE001 - the measurements are valid either way
-        log(f"could not delete topics {prefix}*: {exc}")
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -766,9 +587,7 @@ def summary(report: dict[str, Any]) -> str:
         f"outcomes {d['outcomes']} expected {d['expected']} -> {'OK' if report['correct'] else 'FAILED'}; "
         f"attribution {d['attribution']}",
     ]
-    if "profile" in d and "self" in d["profile"]:
-        lines += ["", f"top self-time frames ({d['profile']['samples']} samples):"]
-        lines += [f"  {row['pct']:5.1f}%  {row['frame']}" for row in d["profile"]["self"]]
+    lines += profile_lines(d)
     return "\n".join(lines)
 
 
@@ -810,36 +629,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
                         help="give up when the worker or the baseline takes longer (default 900)")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample the worker with py-spy (non-blocking, 100 Hz) from its first output to the "
-                             "end; adds the top self-time and inclusive frames to details.profile. It costs the "
-                             "worker some CPU: quote events/s from a run without it")
-    parser.add_argument("--profile-top", type=positive_int, default=10, metavar="K",
-                        help="frames listed by --profile (default 10)")
-    parser.add_argument("--logs-dir", type=Path, metavar="DIR",
-                        help="copy the worker's and the baseline's logs (and py-spy's raw output) here")
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT, metavar="PATH",
-                        help="where to write the JSON report (default bench/results/process.json)")
+    add_profile_args(parser, "sample the worker with py-spy (non-blocking, 100 Hz) from its first output to the "
+                     "end; adds the top self-time and inclusive frames to details.profile. It costs the "
+                     "worker some CPU: quote events/s from a run without it",
+                     10)
+    add_output_args(parser, DEFAULT_JSON_OUT,
+                    "copy the worker's and the baseline's logs (and py-spy's raw output) here")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    real_stdout = sys.stdout
-    try:
-        # Anything a library prints (e.g. Kafka jar download progress) must not corrupt the JSON.
-        with sigterm_as_interrupt(), contextlib.redirect_stdout(sys.stderr):
-            report = benchmark(args)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
-    text = json.dumps(report, indent=2)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(text + "\n")
-    print(summary(report), file=sys.stderr)
-    log(f"report written to {args.json_out}")
-    print(text, file=real_stdout, flush=True)
-    return 0 if report["correct"] and report["worker"]["exit_code"] == 0 else 1
+    return run_and_report(lambda: benchmark(args), args.json_out, summary,
+                          lambda report: report["correct"] and report["worker"]["exit_code"] == 0)
 
 
 if __name__ == "__main__":

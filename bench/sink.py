@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import random
 import signal
@@ -77,25 +76,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "bench"
-# As in bench/ingest.py: bench/ must not shadow the repository's packages.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+# Run as `python bench/sink.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
+# shadow the `ingest` package: put the repository there instead (see bench/common.py).
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-from bench.ingest import (  # noqa: E402
-    RssSampler,
-    _descendants,
-    host_cpu_ticks,
-    host_info,
-    log,
-    mb,
-    positive_int,
-    sigterm_as_interrupt,
-    tree_cpu_s,
+from bench.common import (  # noqa: E402
+    BENCH_DIR, CROCKFORD, Child, RssSampler, add_output_args, add_profile_args, child_env, descendants,
+    finish_py_spy, host_busy_pct, host_cpu_ticks, host_info, loadavg, log, mb, positive_int, produce_records,
+    profile_lines, run_and_report, start_kafka, start_py_spy, thin, tree_cpu_s,
 )
-from bench.process import Child, top_frames  # noqa: E402
 from deploy.procs import tail  # noqa: E402
-from deploy.providers import ClickHouseService, KafkaService, clickhouse_service, kafka_service, unique_name  # noqa: E402
+from deploy.providers import ClickHouseService, KafkaService, clickhouse_service, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
 from postback.topics import Topics, ensure_topics  # noqa: E402
 
@@ -109,7 +101,6 @@ OFFERS = {f"offer-{i}": ADVERTISERS[i % len(ADVERTISERS)] for i in range(1, 13)}
 AFFILIATES = tuple(f"aff-{i}" for i in range(40))
 EVENTS = (("purchase", 0.60), ("lead", 0.25), ("renewal", 0.10), ("custom:signup", 0.05))
 CURRENCIES = (("USD", 0.7), ("EUR", 0.2), ("GBP", 0.1))
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 # -- the workload ---------------------------------------------------------------------
@@ -223,36 +214,13 @@ def build_workload(n: int, seed: int, status_change: float, refund: float) -> Wo
 
 def produce_all(bootstrap: str, topic: str, work: Workload) -> float:
     """Produce every record with the project's producer settings and flush. Returns seconds."""
-    from confluent_kafka import Producer
-
-    from postback.kafka import producer_config
-
-    started = time.monotonic()
-    producer = Producer(producer_config(bootstrap, delivery_timeout_s=120.0))
-    failed: list[str] = []
-
-    def delivered(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failed.append(str(err))
-
-    for key, value in work.records:
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
-    left = producer.flush(180)
-    if left or failed:
-        raise RuntimeError(f"pre-fill: {left} records unflushed, {len(failed)} failed: {failed[:3]}")
-    return time.monotonic() - started
+    return produce_records(bootstrap, [(topic, work.records)], 120.0, 180)
 
 
 # -- measuring the sink ---------------------------------------------------------------
 def clickhouse_server_pid() -> int | None:
     """The local ClickHouse server started by `clickhouse_service` (a child of ours), if any."""
-    for pid in _descendants(os.getpid())[1:]:
+    for pid in descendants(os.getpid())[1:]:
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             if b"deploy.chserver" in cmdline or Path(f"/proc/{pid}/comm").read_text().startswith("clickhouse"):
@@ -305,7 +273,7 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
             "--batch-rows", str(args.batch_rows), "--batch-seconds", str(args.batch_seconds)]
     log_path = scratch / "sink.log"
     ch_cpu_before = tree_cpu_s(ch_pid) if ch_pid else 0.0
-    busy_before, total_before = host_cpu_ticks()
+    host_before = host_cpu_ticks()
     sink = Child("sink", argv, env, log_path)
     profiler: Child | None = None
     sampler = RssSampler({"sink": sink.proc.pid})
@@ -324,10 +292,7 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
             if conv > 0 and first_s is None:
                 first_s, first_rows = elapsed, conv
                 if args.profile:
-                    profiler = Child("py-spy", [str(Path(sys.executable).with_name("py-spy")), "record", "-p",
-                                                str(sink.proc.pid), "-d", str(int(args.timeout)), "-r", "100",
-                                                "-f", "raw", "-o", str(scratch / "py-spy.txt"), "--nonblocking"],
-                                     dict(os.environ), scratch / "py-spy.log")
+                    profiler = start_py_spy(sink.proc.pid, args.timeout, scratch)
                     log(f"py-spy sampling the sink (pid {sink.proc.pid}) ...")
             if conv >= n and visible_s is None:
                 visible_s = elapsed
@@ -335,7 +300,7 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
                 done_s = elapsed
                 sink_cpu_s = tree_cpu_s(sink.proc.pid)
                 ch_cpu_s = tree_cpu_s(ch_pid) - ch_cpu_before if ch_pid else None
-                busy_after, total_after = host_cpu_ticks()
+                host_after = host_cpu_ticks()
                 if first_s is None:  # everything landed between two polls
                     first_s, first_rows = elapsed, conv
                 log(f"sink: all {n:,} records inserted and committed after {elapsed:.2f}s "
@@ -352,13 +317,7 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
         sampler.stop()
         profile = None
         if profiler is not None:
-            profiler.stop(signal.SIGINT, timeout=30)  # py-spy writes its output on Ctrl-C
-            raw = scratch / "py-spy.txt"
-            if raw.exists():
-                profile = top_frames(raw, args.profile_top)
-                profile["window"] = "first visible row -> all records committed"
-            else:
-                profile = {"error": tail(scratch / "py-spy.log")}
+            profile = finish_py_spy(profiler, scratch, args.profile_top, "first visible row -> all records committed")
         log("stopping the sink (SIGTERM) ...")
         exit_code = sink.stop()
         if exit_code != 0:
@@ -384,22 +343,13 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
         "cpu_pct": round(100 * sink_cpu_s / done_s, 1),
         "cpu_ms_per_row": round(1000 * sink_cpu_s / n, 4),
         "clickhouse_server_cpu_pct": round(100 * ch_cpu_s / done_s, 1) if ch_cpu_s is not None else None,
-        "host_cpu_busy_pct": round(100 * (busy_after - busy_before) / max(1, total_after - total_before), 1),
+        "host_cpu_busy_pct": host_busy_pct(host_before, host_after),
         "batch_rows": args.batch_rows,
         "batch_seconds": args.batch_seconds,
         "profiled": bool(args.profile),
         "exit_code": exit_code,
     }
     return {"result": result, "profile": profile, "progress": thin(progress, 1.0)}
-
-
-def thin(progress: list[list[float]], every_s: float) -> list[list[float]]:
-    """About one progress sample per `every_s` seconds, always keeping the last."""
-    out: list[list[float]] = []
-    for row in progress:
-        if not out or row[0] - out[-1][0] >= every_s or row is progress[-1]:
-            out.append(row)
-    return out
 
 
 def check_clickhouse(clickhouse: ClickHouseService, database: str, work: Workload) -> dict[str, Any]:
@@ -570,11 +520,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     n = args.rows
     with tempfile.TemporaryDirectory(prefix="bench-sink-") as tmp, contextlib.ExitStack() as stack:
         scratch = Path(tmp)
-        log("starting Kafka (KAFKA_BOOTSTRAP_SERVERS if set, else a local broker) ...")
-        kafka = stack.enter_context(kafka_service(settings, scratch / "kafka"))
-        log(f"Kafka ({kafka.provider}) at {kafka.bootstrap_servers}; topic prefix {prefix}")
-        if kafka.provider == "external":
-            stack.callback(delete_topics, kafka, prefix)
+        kafka = start_kafka(stack, settings, scratch, prefix)
         ensure_topics(kafka.admin(), topics)
         log("starting ClickHouse (CLICKHOUSE_URL if set, else a local server) ...")
         clickhouse = stack.enter_context(clickhouse_service(settings, scratch / "clickhouse"))
@@ -592,9 +538,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"pre-fill: {in_topic} records in {topics.conversions.name}, expected {n}")
         log(f"pre-filled in {prefill_s:.1f}s")
 
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PYTHONPATH=str(REPO), KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers,
-                   CLICKHOUSE_URL=clickhouse.url, POSTBACK_TOPIC_PREFIX=prefix)
+        env = child_env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, CLICKHOUSE_URL=clickhouse.url,
+                        POSTBACK_TOPIC_PREFIX=prefix)
         log(f"starting the sink (--only clickhouse --batch-rows {args.batch_rows} --batch-seconds "
             f"{args.batch_seconds:g}), timing until all {n:,} records are inserted and committed ...")
         sink_run = run_sink(args, kafka, clickhouse, topics, database, env, scratch, n)
@@ -653,19 +598,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     })
     if sink_run["profile"] is not None:
         details["profile"] = sink_run["profile"]
-    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    host["loadavg_end"] = loadavg()
     return {"benchmark": "sink", "rows": n, "sink": sink, "baseline": baseline, "ratio": ratio,
             "correct": details["correct"] and baseline["complete"], "details": details, "host": host}
-
-
-def delete_topics(kafka: KafkaService, prefix: str) -> None:
-    try:
-        names = [t for t in kafka.admin().list_topics(timeout=30).topics if t.startswith(prefix)]
-        for future in kafka.admin().delete_topics(names, operation_timeout=30).values():
-            future.result(timeout=30)
-        log(f"deleted {len(names)} topics {prefix}*")
-    except Exception as exc:  # noqa: BLE001 - the measurements are valid either way
-        log(f"could not delete topics {prefix}*: {exc}")
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -692,9 +627,7 @@ def summary(report: dict[str, Any]) -> str:
         f"{d['python_decode_and_rows']['rows_per_s']:,.0f} rows/s; sink exit code {s['exit_code']}",
         f"ClickHouse {d['found']} expected {d['expected']} -> {'OK' if report['correct'] else 'FAILED'}",
     ]
-    if "profile" in d and "self" in d["profile"]:
-        lines += ["", f"top self-time frames ({d['profile']['samples']} samples):"]
-        lines += [f"  {row['pct']:5.1f}%  {row['frame']}" for row in d["profile"]["self"]]
+    lines += profile_lines(d)
     return "\n".join(lines)
 
 
@@ -732,36 +665,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
                         help="give up when the sink has not written every row after this long (default 900)")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample the sink with py-spy (non-blocking, 100 Hz) from its first visible row to "
-                             "the end; adds the top self-time and inclusive frames to details.profile. It costs "
-                             "the sink CPU: quote rows/s from a run without it")
-    parser.add_argument("--profile-top", type=positive_int, default=12, metavar="K",
-                        help="frames listed by --profile (default 12)")
-    parser.add_argument("--logs-dir", type=Path, metavar="DIR",
-                        help="copy the sink's log (and py-spy's raw output) here")
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT, metavar="PATH",
-                        help="where to write the JSON report (default bench/results/sink.json)")
+    add_profile_args(parser, "sample the sink with py-spy (non-blocking, 100 Hz) from its first visible row to "
+                     "the end; adds the top self-time and inclusive frames to details.profile. It costs "
+                     "the sink CPU: quote rows/s from a run without it",
+                     12)
+    add_output_args(parser, DEFAULT_JSON_OUT, "copy the sink's log (and py-spy's raw output) here")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    real_stdout = sys.stdout
-    try:
-        # Anything a library prints (e.g. Kafka jar download progress) must not corrupt the JSON.
-        with sigterm_as_interrupt(), contextlib.redirect_stdout(sys.stderr):
-            report = benchmark(args)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
-    text = json.dumps(report, indent=2)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(text + "\n")
-    print(summary(report), file=sys.stderr)
-    log(f"report written to {args.json_out}")
-    print(text, file=real_stdout, flush=True)
-    return 0 if report["correct"] and report["sink"]["exit_code"] == 0 else 1
+    return run_and_report(lambda: benchmark(args), args.json_out, summary,
+                          lambda report: report["correct"] and report["sink"]["exit_code"] == 0)
 
 
 if __name__ == "__main__":
