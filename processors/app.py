@@ -91,6 +91,10 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         producer_linger_ms=5,  # let aiokafka batch: one produce request per few records, not one per record
         table_cleanup_interval=3600.0,
         stream_wait_empty=False,
+        # Outputs are published as attachments of their source offset: the commit of an
+        # event's offset waits until what it emitted is acknowledged, so a crash can never
+        # leave a committed input without its output (seen without it: SIGKILL lost sends).
+        stream_publish_on_commit=True,
         consumer_auto_offset_reset="earliest",
     )
     raw_codec = Codec.for_record("RawPostback")

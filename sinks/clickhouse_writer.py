@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from postback.config import SinkOptions
@@ -167,7 +167,8 @@ class ClickHouseWriter:
                               self.batch.messages)
                     return False
                 stop.wait(delay)
-                self.consumer.consume(1, timeout=0)  # keep the group membership alive while paused
+                for msg in self.consumer.consume(1, timeout=0):  # keeps the membership alive while paused
+                    self._take(msg)  # (paused partitions return nothing; never drop what does come)
                 delay = min(delay * 2, self.opts.retry_max_s)
                 if not self.batch.messages:  # a rebalance took the partitions (and the batch) away
                     return True
@@ -176,7 +177,7 @@ class ClickHouseWriter:
             os._exit(86)
         for table, rows in self.batch.rows.items():
             self.metrics.rows.labels(table).inc(len(rows))
-        self.consumer.commit(offsets=self.batch.offsets(), asynchronous=False)
+        self._commit(stop)
         self.metrics.batches.inc()
         if self.down:
             self.down = False
@@ -185,6 +186,33 @@ class ClickHouseWriter:
             log.info("ClickHouse is back: inserted and resumed")
         self.batch = Batch()
         return True
+
+    def _commit(self, stop: threading.Event) -> None:
+        """Commit the batch's offsets, riding out a broker restart or a group rebalance.
+
+        The rows are already in ClickHouse, so giving up is safe: whoever consumes these
+        offsets again re-inserts the same rows, which the dedup token and ReplacingMergeTree
+        collapse. What must not happen is this thread dying on a transient coordinator error.
+        """
+        delay = self.opts.retry_initial_s
+        for attempt in range(8):
+            try:
+                self.consumer.commit(offsets=self.batch.offsets(), asynchronous=False)
+                return
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                code = error.code() if isinstance(error, KafkaError) else None
+                if code in (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
+                            KafkaError.REBALANCE_IN_PROGRESS, KafkaError._ASSIGNMENT_LOST):
+                    log.warning("offsets not committed (%s): the partitions moved; their next owner re-reads "
+                                "rows that are already inserted, and they collapse", error)
+                    return
+                log.warning("offset commit failed (%s), attempt %d; retrying", error, attempt + 1)
+                self.metrics.errors.inc()
+                if stop.wait(delay):
+                    break
+                delay = min(delay * 2, self.opts.retry_max_s)
+        log.error("offsets not committed after retries; the batch will be re-read and collapse on insert")
 
     def _pause(self, pause: bool) -> None:
         assignment = self.consumer.assignment()

@@ -64,22 +64,22 @@ class LifecycleRouter:
         self.producer = Producer({
             "bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 5,
             "transactional.id": f"{topics.prefix}-lifecycle-{instance or socket.gethostname()}",
-            "transaction.timeout.ms": 60000,
+            "transaction.timeout.ms": 30000,
         })
         self.routed = 0
 
     def run(self, stop: threading.Event) -> None:
-        self.producer.init_transactions(60)
+        self.producer.init_transactions(30)
         self.consumer.subscribe([self.topics.conversions.name])
         try:
             while not stop.is_set():
                 messages = [m for m in self.consumer.consume(5000, timeout=0.2) if not m.error()]
                 if messages:
-                    self._transaction(messages)
+                    self._transaction(messages, stop)
         finally:
             self.consumer.close()
 
-    def _transaction(self, messages: list[Any]) -> None:
+    def _transaction(self, messages: list[Any], stop: threading.Event) -> None:
         try:
             self.producer.begin_transaction()
             for msg in messages:
@@ -94,16 +94,41 @@ class LifecycleRouter:
                     self.producer.produce(self.family_topics[family], msg.value(), key.encode())
                     self.routed += 1
             positions = [tp for tp in self.consumer.position(self.consumer.assignment()) if tp.offset >= 0]
-            self.producer.send_offsets_to_transaction(positions, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(60)
+            self.producer.send_offsets_to_transaction(positions, self.consumer.consumer_group_metadata(), 10)
+            self.producer.commit_transaction(10)  # bounded: SIGTERM must end the process within the supervisor's 30 s
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
-            log.error("lifecycle transaction failed (%s); aborting and re-reading from the last commit", error)
-            if error.txn_requires_abort():
-                self.producer.abort_transaction(60)
-            elif not error.retriable():
+            log.error("lifecycle transaction failed (%s); finishing it and re-reading from the last commit", error)
+            if not (error.txn_requires_abort() or error.retriable()):
                 raise
+            self._finish_failed(error, stop)
             self._rewind()
+
+    def _finish_failed(self, error: KafkaError, stop: threading.Event) -> None:
+        """Leave the producer ready for the next transaction after a failed one.
+
+        A retriable failure (e.g. a commit that timed out while the broker restarted) may
+        still commit on retry; otherwise, or when asked to stop, the transaction is aborted,
+        so its records are never visible to read_committed consumers.
+        """
+        attempts = 0 if error.txn_requires_abort() else 3
+        for _ in range(attempts):
+            if stop.is_set():
+                break
+            try:
+                self.producer.commit_transaction(10)
+                return
+            except KafkaException as again:
+                if again.args[0].txn_requires_abort():
+                    break
+                if not again.args[0].retriable():
+                    raise
+        try:
+            self.producer.abort_transaction(10)
+        except KafkaException as exc:
+            if not exc.args[0].retriable():
+                raise
+            log.warning("abort did not complete (%s); the broker times the transaction out", exc.args[0])
 
     def _rewind(self) -> None:
         """Seek every assigned partition back to its committed offset (the aborted batch is re-read)."""
