@@ -98,7 +98,8 @@ class ProcessOptions:
     web_port: int = 16066
     #: Short sessions let a restarted worker take its partitions back quickly (faust sends no LeaveGroup).
     session_timeout_s: float = 10.0
-    commit_interval_s: float = 0.5
+    #: With outputs published on commit, each of the three hops adds up to this much latency.
+    commit_interval_s: float = 0.2
     #: How often expired dedupe entries are removed (state stays bounded by the horizon).
     dedupe_cleanup_interval_s: float = 600.0
 
