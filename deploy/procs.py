@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,22 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def stop_processes(procs: list, timeout: float = 30.0) -> None:
+    """SIGTERM every still-running `subprocess.Popen` first, then wait for each; SIGKILL after `timeout`.
+
+    Signalling all before waiting lets them shut down in parallel (test teardowns).
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def die_with_parent() -> None:

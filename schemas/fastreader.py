@@ -48,7 +48,7 @@ from typing import Any, Callable
 from fastavro import parse_schema
 from fastavro.read import LOGICAL_READERS
 
-from schemas.fastwriter import _COMPLEX, _PRIMITIVES, _collect_named, _schema_label
+from schemas.fastwriter import _collect_named, _schema_label, resolve_named
 
 __all__ = ["ZERO_SIZE_ITEM_LIMIT", "compile_reader", "generate_source"]
 
@@ -145,21 +145,7 @@ class _Generator:
         return name
 
     def resolve(self, schema: Any) -> Any:
-        """Replace a reference to a named type (``"ns.Name"`` or ``{"type": "ns.Name"}``) by its definition."""
-        if isinstance(schema, str):
-            if schema in _PRIMITIVES:
-                return schema
-            try:
-                return self.named[schema]
-            except KeyError:
-                raise ValueError(f"unknown named type {schema!r}") from None
-        if isinstance(schema, dict):
-            kind = schema.get("type")
-            if isinstance(kind, (dict, list)) or (
-                isinstance(kind, str) and kind not in _PRIMITIVES and kind not in _COMPLEX
-            ):
-                return self.resolve(kind)
-        return schema
+        return resolve_named(self.named, schema)
 
     def kind(self, schema: Any) -> Any:
         schema = self.resolve(schema)

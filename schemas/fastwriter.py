@@ -191,21 +191,7 @@ class _Generator:
         return v
 
     def resolve(self, schema: Any) -> Any:
-        """Replace a reference to a named type (``"ns.Name"`` or ``{"type": "ns.Name"}``) by its definition."""
-        if isinstance(schema, str):
-            if schema in _PRIMITIVES:
-                return schema
-            try:
-                return self.named[schema]
-            except KeyError:
-                raise ValueError(f"unknown named type {schema!r}") from None
-        if isinstance(schema, dict):
-            kind = schema.get("type")
-            if isinstance(kind, (dict, list)) or (
-                isinstance(kind, str) and kind not in _PRIMITIVES and kind not in _COMPLEX
-            ):
-                return self.resolve(kind)
-        return schema
+        return resolve_named(self.named, schema)
 
     def kind(self, schema: Any) -> Any:
         schema = self.resolve(schema)
@@ -445,6 +431,27 @@ class _Generator:
             [f"def _factory(LEN, _fallback, {', '.join(names)}):", *funcs, "    return write", ""]
         )
         return source, env
+
+
+def resolve_named(named: dict[str, Any], schema: Any) -> Any:
+    """Replace a reference to a named type (``"ns.Name"`` or ``{"type": "ns.Name"}``) by its definition.
+
+    Shared by the compiled writer and reader (schemas/fastreader.py).
+    """
+    if isinstance(schema, str):
+        if schema in _PRIMITIVES:
+            return schema
+        try:
+            return named[schema]
+        except KeyError:
+            raise ValueError(f"unknown named type {schema!r}") from None
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if isinstance(kind, (dict, list)) or (
+            isinstance(kind, str) and kind not in _PRIMITIVES and kind not in _COMPLEX
+        ):
+            return resolve_named(named, kind)
+    return schema
 
 
 def _nullable(schema: Any) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from deploy.procs import free_port
+from deploy.procs import free_port, stop_processes
 from deploy.providers import KafkaService, unique_name
 from postback.kafka import producer_config
 from postback.topics import Topics, ensure_topics
@@ -94,15 +94,7 @@ class Pipeline:
         return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp.glob("worker-*.log")))
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_processes(self.procs)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from deploy.procs import stop_processes
 from deploy.providers import ClickHouseService, KafkaService, unique_name
 from postback.kafka import producer_config
 from postback.topics import Topics, ensure_topics
@@ -53,15 +53,7 @@ class SinkHarness:
         return "\n".join(p.read_text()[-3000:] for p in sorted(self.tmp.glob("sink-*.log")))
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_processes(self.procs)
 
 
 @pytest.fixture
