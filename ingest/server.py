@@ -24,6 +24,7 @@ from aiohttp import web
 
 from ingest.app import Ingester, build_app
 from postback.config import IngestOptions, Settings
+from postback.eventloop import install_uvloop
 from postback.kafka import AsyncProducer, producer_config
 from postback.partners import PartnerConfig, load_partner_config
 from postback.topics import Topics, ensure_topics
@@ -71,12 +72,7 @@ def run_worker(opts: IngestOptions, bootstrap: str, settings: Settings, reuse_po
     """One ingester process. Loads the partner file itself: workers share no objects."""
     topics = Topics(settings.topic_prefix)
     partners = load_partners(settings)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     asyncio.run(_serve(opts, bootstrap, topics, partners, reuse_port, announce, started))
 
 

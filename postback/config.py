@@ -98,8 +98,13 @@ class ProcessOptions:
     web_port: int = 16066
     #: Short sessions let a restarted worker take its partitions back quickly (faust sends no LeaveGroup).
     session_timeout_s: float = 10.0
-    #: With outputs published on commit, each of the three hops adds up to this much latency.
+    #: Offsets are committed this often; a crash replays at most this much (outputs are idempotent).
     commit_interval_s: float = 0.2
+    #: Each agent takes up to this many events at a time, waiting at most batch_wait_s for them.
+    batch_max: int = 500
+    batch_wait_s: float = 0.01
+    #: A batch's outputs are retried until acknowledged; each attempt waits at most this long.
+    delivery_timeout_s: float = 30.0
     #: How often expired dedupe entries are removed (state stays bounded by the horizon).
     dedupe_cleanup_interval_s: float = 600.0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
@@ -80,35 +80,61 @@ class AsyncProducer:
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Produce one record and wait for the broker's acknowledgement."""
+        await self.send_batch([(topic, key, value, None)])
+
+    async def send_batch(self, records: Sequence[tuple[str, bytes | None, bytes, int | None]]) -> None:
+        """Produce `(topic, key, value, partition or None)` records in order; wait for all acknowledgements.
+
+        One future for the whole batch, not one per record: a stream processor publishes
+        hundreds of outputs per batch. Raises `KafkaUnavailable` if any record was not
+        acknowledged; the others may be in Kafka, so a caller that retries the batch must
+        tolerate repeats (the processors' outputs are idempotent).
+        """
+        if not records:
+            return
         if self._closed:
             raise KafkaUnavailable("shutting_down", "the producer is closed")
         if self._fatal:
             self._rebuild()
         future: asyncio.Future[None] = self._loop.create_future()
+        state: list[Any] = [len(records), None]  # records not yet reported, first failure
+
+        def settle() -> None:
+            if state[0] or future.done():
+                return
+            if state[1] is None:
+                future.set_result(None)
+            else:
+                future.set_exception(state[1])
 
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             self._inflight -= 1
-            if future.done():
-                return
-            if err is None:
-                future.set_result(None)
-                return
-            self.delivery_errors += 1
-            self.last_error = err.str()
-            reason = "timeout" if err.code() == KafkaError._MSG_TIMED_OUT else "delivery_failed"
-            future.set_exception(KafkaUnavailable(reason, err.str()))
+            state[0] -= 1
+            if err is not None and state[1] is None:
+                self.delivery_errors += 1
+                self.last_error = err.str()
+                reason = "timeout" if err.code() == KafkaError._MSG_TIMED_OUT else "delivery_failed"
+                state[1] = KafkaUnavailable(reason, err.str())
+            settle()
 
-        try:
-            self._producer.produce(topic, value, key, on_delivery=delivered)
-        except BufferError as exc:
-            self.delivery_errors += 1
-            raise KafkaUnavailable("queue_full", "the producer's local queue is full") from exc
-        except Exception as exc:  # KafkaException for a fatal producer state, etc.
-            self.delivery_errors += 1
-            raise KafkaUnavailable("produce_failed", str(exc)) from exc
-        self._inflight += 1
-        if self._inflight == 1:
+        produce = self._producer.produce
+        for done, (topic, key, value, partition) in enumerate(records):
+            try:
+                if partition is None:
+                    produce(topic, value, key, on_delivery=delivered)
+                else:
+                    produce(topic, value, key, partition=partition, on_delivery=delivered)
+            except Exception as exc:  # BufferError: queue full; KafkaException: fatal state, etc.
+                self.delivery_errors += 1
+                state[0] -= len(records) - done  # these were never produced
+                if state[1] is None:
+                    state[1] = KafkaUnavailable("queue_full", "the producer's local queue is full") \
+                        if isinstance(exc, BufferError) else KafkaUnavailable("produce_failed", str(exc))
+                break
+            self._inflight += 1
+        if self._inflight:
             self._wake.set()
+        settle()
         await future
 
     async def _poll_forever(self) -> None:

@@ -3,35 +3,46 @@
 Design (see docs/architecture.md):
 
 - Stage 1 `verify` consumes raw-postbacks (keyed by click_id) and either rejects or
-  forwards to the internal *dedupe* topic keyed by the dedupe key, so that every repeat
-  of an order meets its first occurrence on one partition and one table shard.
+  forwards to the internal *dedupe* topic, on the partition of the dedupe key, so that
+  every repeat of an order meets its first occurrence on one partition and table shard.
 - Stage 2 `dedupe` keeps the `dedupe` table (retries, orders, one-time events) and
-  forwards new conversions and updates to the internal *attribute* topic keyed by click_id.
+  forwards new conversions and updates to the internal *attribute* topic, on the
+  partition of the click_id.
 - Stage 3 `attribute` joins with the `clicks` table, filled by the `clicks` agent from
-  the clicks topic. Both topics are keyed by click_id with Java's murmur2 partitioner and
-  have the same partition count, so faust assigns partition N of both to one worker:
-  a table join instead of faust's (broken) stream-stream join. Conversions whose click is
-  not there yet wait in the `pending` table; ticks sent to every partition expire them.
+  the clicks topic. Both topics are partitioned by click_id with Java's murmur2 and have
+  the same partition count, so faust assigns partition N of both to one worker: a table
+  join instead of faust's (broken) stream-stream join. Conversions whose click is not
+  there yet wait in the `pending` table; ticks sent to every partition expire them.
+
+Batches: each agent takes up to `batch_max` events at a time (`take_events`), runs the
+pure stages on each with that event set as faust's current event (tables write their
+changelog to the event's partition), and hands all outputs to `processors.publish`: one
+confluent-kafka producer, internal hops as one envelope per partition. See there why.
 
 Guarantees: at-least-once (faust's exactly-once mode is not used), every step idempotent:
-reprocessing a receipt yields the same output record (see `processors.dedupe`). Outputs
-are sent as faust *attachments*: published before the source offset is committed.
+reprocessing a receipt yields the same output record (see `processors.dedupe`). A batch's
+outputs are acknowledged by Kafka before faust acks its events, and faust flushes table
+changelogs before it commits offsets; so a committed input always has its outputs and state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import faust
 
 from postback.config import ProcessOptions, Settings
+from postback.kafka import AsyncProducer, producer_config
 from postback.partners import PartnerConfig
 from postback.topics import Topics, TopicSpec
 from processors import stages
-from schemas.codec import Codec
+from processors.publish import Publisher, decode_envelope
+from schemas.codec import Codec, CodecError
 
 log = logging.getLogger("processors")
 
@@ -42,10 +53,26 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _event_id(event: Any) -> str:
-    """Where an event sits in Kafka: replaying it yields the same id (see stages._release)."""
+def _event_id(event: Any, item: int | None = None) -> str:
+    """Where an event (and an item of an envelope) sits in Kafka: a replay yields the same id (stages._release)."""
     message = event.message
-    return f"{message.topic}:{message.partition}:{message.offset}"
+    where = f"{message.topic}:{message.partition}:{message.offset}"
+    return where if item is None else f"{where}:{item}"
+
+
+def _batches(stream: Any, opts: ProcessOptions) -> Any:
+    return stream.take_events(opts.batch_max, within=opts.batch_wait_s)
+
+
+def _enter(stream: Any, event: Any) -> int:
+    """Make `event` faust's current event, as its own per-event iteration would.
+
+    Why: faust tables pick the changelog partition (and the RocksDB shard) of a write from
+    the current event; in a batch that must be the event being processed, not the last
+    one taken. Returns the event's partition.
+    """
+    stream._set_current_event(event)
+    return event.message.partition
 
 
 def broker_url(bootstrap: str) -> str:
@@ -88,19 +115,13 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         web_port=opts.web_port + worker_index,
         web_enabled=True,
         producer_acks=-1,
-        producer_linger_ms=5,  # let aiokafka batch: one produce request per few records, not one per record
+        producer_linger_ms=5,  # faust's own producer now only sends table changelogs and ticks
         table_cleanup_interval=3600.0,
         stream_wait_empty=False,
-        # Outputs are published as attachments of their source offset: the commit of an
-        # event's offset waits until what it emitted is acknowledged, so a crash can never
-        # leave a committed input without its output (seen without it: SIGKILL lost sends).
-        stream_publish_on_commit=True,
         consumer_auto_offset_reset="earliest",
     )
     raw_codec = Codec.for_record("RawPostback")
     click_codec = Codec.for_record("Click")
-    codecs = {"conversion": Codec.for_record("Conversion"), "rejection": Codec.for_record("Rejection"),
-              "duplicate": Codec.for_record("Duplicate")}
 
     def raw_topic(name: str, internal: bool = False) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -110,9 +131,6 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     clicks_in = raw_topic(topics.clicks.name)
     dedupe_topic = raw_topic(topics.processor_dedupe.name, internal=True)
     attribute_topic = raw_topic(topics.processor_attribute.name, internal=True)
-    out_topics = {"conversion": raw_topic(topics.conversions.name), "rejection": raw_topic(topics.rejections.name),
-                  "duplicate": raw_topic(topics.duplicates.name), "dedupe": dedupe_topic,
-                  "attribute": attribute_topic}
 
     def table(name: str) -> Any:
         # str keys and dict values: faust picks its json serializer for both.
@@ -122,48 +140,85 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     clicks_table = table("clicks")
     pending_table = table("pending")
     wait_ms = int(opts.late_click_wait_s * 1000)
+    publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives
 
-    async def emit(outputs: list[stages.Output]) -> None:
-        for out in outputs:
-            value = codecs[out.kind].encode(out.record) if out.kind in codecs else \
-                stages.encode_internal(out.record).encode()
-            await out_topics[out.kind].send(key=out.key.encode(), value=value)
+    def publisher() -> Publisher:
+        if not publishers:
+            producer = AsyncProducer(producer_config(bootstrap, delivery_timeout_s=opts.delivery_timeout_s),
+                                     asyncio.get_running_loop())
+            publishers.append(Publisher(
+                producer,
+                {"conversion": topics.conversions.name, "rejection": topics.rejections.name,
+                 "duplicate": topics.duplicates.name},
+                {"dedupe": topics.processor_dedupe.name, "attribute": topics.processor_attribute.name},
+                opts.partitions))
+        return publishers[0]
+
+    async def publish(outputs: list[stages.Output]) -> None:
+        if outputs:
+            await publisher().publish(outputs, stopping=lambda: app.should_stop)
+
+    @app.on_before_shutdown.connect
+    async def close_publisher(_app: Any, **_kwargs: Any) -> None:
+        if publishers:
+            await publishers[0].close()
+
+    async def run_batches(stream: Any, handle: Callable[[Any, int, int], Iterable[stages.Output]]) -> None:
+        """Take events in batches, `handle(event, partition, now_ms)` each as faust's current
+        event, then publish the batch's outputs; faust acks the batch once this loop asks for the next."""
+        async for events in _batches(stream, opts):
+            outputs: list[stages.Output] = []
+            now = _now_ms()
+            for event in events:
+                outputs.extend(handle(event, _enter(stream, event), now))
+            await publish(outputs)
+
+    def decoded(codec: Codec, event: Any) -> dict[str, Any] | None:
+        try:
+            return codec.decode(event.value)
+        except CodecError as exc:  # not written by our ingester: no receipt to answer for
+            log.error("skipping an undecodable %s at %s: %s", codec.name, _event_id(event), exc)
+            return None
+
+    def verify_one(event: Any, _partition: int, now: int) -> list[stages.Output]:
+        raw = decoded(raw_codec, event)
+        return [] if raw is None else [stages.verify(raw, partners, now)]
+
+    def dedupe_one(event: Any, partition: int, now: int) -> Iterable[stages.Output]:
+        if event.key == TICK:
+            removed = stages.expire_dedupe(dedupe_table, partition, now, horizon_ms=90 * 86_400_000)
+            if removed:
+                log.info("expired %d dedupe entries on partition %d", removed, partition)
+            return []
+        return [stages.dedupe(msg, dedupe_table, partition, now) for msg in decode_envelope(event.value)]
+
+    def attribute_one(event: Any, partition: int, now: int) -> Iterable[stages.Output]:
+        if event.key == TICK:
+            return stages.expire_pending(pending_table, partition, partners, now, _event_id(event))
+        return [out for conversion in decode_envelope(event.value)
+                for out in stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
+                                                       now, wait_ms)]
+
+    def click_one(event: Any, _partition: int, now: int) -> Iterable[stages.Output]:
+        click = decoded(click_codec, event)
+        return [] if click is None else stages.click_arrived(click, clicks_table, pending_table, partners, now,
+                                                             _event_id(event))
 
     @app.agent(raw_in)
     async def verify(stream: Any) -> None:
-        async for raw_bytes in stream:
-            raw = raw_codec.decode(raw_bytes)
-            await emit([stages.verify(raw, partners, _now_ms())])
+        await run_batches(stream, verify_one)
 
     @app.agent(dedupe_topic)
     async def dedupe(stream: Any) -> None:
-        async for event in stream.events():
-            partition = event.message.partition
-            if event.key == TICK:
-                removed = stages.expire_dedupe(dedupe_table, partition, _now_ms(), horizon_ms=90 * 86_400_000)
-                if removed:
-                    log.info("expired %d dedupe entries on partition %d", removed, partition)
-                continue
-            msg = stages.decode_internal(event.value)
-            await emit([stages.dedupe(msg, dedupe_table, partition, _now_ms())])
+        await run_batches(stream, dedupe_one)
 
     @app.agent(attribute_topic)
     async def attribute(stream: Any) -> None:
-        async for event in stream.events():
-            partition = event.message.partition
-            if event.key == TICK:
-                await emit(stages.expire_pending(pending_table, partition, partners, _now_ms(), _event_id(event)))
-                continue
-            conversion = stages.decode_internal(event.value)
-            await emit(stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
-                                                   _now_ms(), wait_ms))
+        await run_batches(stream, attribute_one)
 
     @app.agent(clicks_in)
     async def clicks(stream: Any) -> None:
-        async for event in stream.events():
-            click = click_codec.decode(event.value)
-            await emit(stages.click_arrived(click, clicks_table, pending_table, partners, _now_ms(),
-                                            _event_id(event)))
+        await run_batches(stream, click_one)
 
     async def tick(topic: faust.TopicT) -> None:
         for partition in range(opts.partitions):

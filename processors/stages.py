@@ -257,7 +257,11 @@ def encode_internal(record: dict[str, Any]) -> str:
 
 
 def decode_internal(text: str | bytes) -> dict[str, Any]:
-    record = json.loads(text)
+    return exact_amount(json.loads(text))
+
+
+def exact_amount(record: dict[str, Any]) -> dict[str, Any]:
+    """Back from internal JSON: the amount's exact text becomes a Decimal again (in place)."""
     if record.get("amount") is not None:
         record["amount"] = Decimal(record["amount"])
     return record

@@ -32,8 +32,10 @@ def run_worker(settings: Settings, bootstrap: str, opts: ProcessOptions, index: 
     """Run one worker in this process until SIGTERM/SIGINT."""
     import faust
 
+    from postback.eventloop import install_uvloop
     from processors.app import create_app
 
+    install_uvloop()  # before faust creates its loop
     app = create_app(settings, bootstrap, load_partners(settings), opts, data_root / f"processor-{index}", index)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, console_port=0, redirect_stdouts=False)
     print(f"processor worker {index} started (pid {os.getpid()}, web 127.0.0.1:{opts.web_port + index})",

@@ -55,8 +55,8 @@ def test_layout():
         "duplicates": ("receipt_id", 3, "Duplicate"),
         **{f"lifecycle.{family}": ("customer_id, else order_id, else conversion_id", 6, "Conversion")
            for family in ("acquisition", "purchase", "subscription", "reversal")},
-        "processor-dedupe": ("dedupe key", 6, "internal-json"),
-        "processor-attribute": ("click_id", 6, "internal-json"),
+        "processor-dedupe": ("partition of the dedupe key", 6, "internal-json"),
+        "processor-attribute": ("partition of the click_id", 6, "internal-json"),
     }
     # Co-partitioned for the click/postback join (faust assigns partition N of each to one worker).
     assert t.clicks.partitions == t.raw_postbacks.partitions == t.processor_attribute.partitions
