@@ -121,6 +121,8 @@ class SinkOptions:
     retry_initial_s: float = 0.5
     retry_max_s: float = 15.0
     session_timeout_s: float = 10.0
+    #: After SIGTERM, threads still blocked in a Kafka call this long are abandoned (see sinks.service).
+    shutdown_grace_s: float = 20.0
     #: Prometheus metrics on 127.0.0.1:PORT (0 = off).
     metrics_port: int = 0
     #: Fault injection for tests: die (exit 86) after the first insert, before committing offsets.

@@ -102,7 +102,8 @@ class LifecycleRouter:
             if not (error.txn_requires_abort() or error.retriable()):
                 raise
             self._finish_failed(error, stop)
-            self._rewind()
+            if not stop.is_set():  # stopping: the next owner starts from the last commit anyway
+                self._rewind()
 
     def _finish_failed(self, error: KafkaError, stop: threading.Event) -> None:
         """Leave the producer ready for the next transaction after a failed one.

@@ -8,8 +8,10 @@ transaction, and the process exits 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +81,27 @@ def serve(settings: Settings, bootstrap: str, opts: SinkOptions, only: str | Non
         thread.start()
     print(f"sink running ({', '.join(name for name, _ in runners)}) -> {url.split('@')[-1]} "
           f"database {opts.database}", flush=True)
+    stop_seen: float | None = None
     while any(t.is_alive() for t in threads):
         for thread in threads:
             thread.join(timeout=0.5)
+        if stop.is_set():
+            stop_seen = stop_seen or time.monotonic()
+            if time.monotonic() - stop_seen > opts.shutdown_grace_s:
+                _abandon([t.name for t in threads if t.is_alive()], opts.shutdown_grace_s, failures)
     return 1 if failures else 0
+
+
+def _abandon(busy: list[str], grace_s: float, failures: list[str]) -> None:
+    """Exit although threads are still inside a Kafka call (seen after a broker restart:
+    a synchronous offset commit or a consumer close that waits for the coordinator).
+
+    Why this is safe: offsets are committed only after their rows are inserted, and the
+    router's transaction is aborted by the broker when it times out. What was not committed
+    is consumed again and collapses (dedup tokens, ReplacingMergeTree, read_committed).
+    Why it is needed: a supervisor gives a child a bounded time to stop, then SIGKILLs it.
+    """
+    log.error("%s still busy %.0f s after the stop request (blocked in a Kafka call); exiting without "
+              "waiting: anything uncommitted is consumed again and collapses", ", ".join(busy), grace_s)
+    logging.shutdown()
+    os._exit(1 if failures else 0)

@@ -150,11 +150,6 @@ def test_sigkill_of_the_sink_mid_stream(pipeline_factory: Callable[..., Pipeline
     _stream_with_fault(pipe, _kill_child(pipe, "sink"), restarts={"sink"})
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known product bug (sinks): after the broker restart the data ends correct (every 202 has one outcome, no "
-    "duplicates), but the sink process sometimes does not stop within the supervisor's 30 s on SIGTERM and is "
-    "SIGKILLed, so `postback run` exits 1; a thread blocks in a librdkafka call after the broker restart "
-    "(not yet pinned down)"))
 def test_kafka_broker_stop_and_restart_mid_stream(own_kafka: LocalKafka, clickhouse: ClickHouseService,
                                                   pipeline_factory: Callable[..., Pipeline]) -> None:
     # own_kafka comes first: fixtures are torn down in reverse, so the pipeline stops while its broker runs.
