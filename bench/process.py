@@ -3,8 +3,9 @@
 What it answers: how many raw postbacks per second one processor worker
 (`python -m postback.cli process`) turns into conversions, rejections and duplicates,
 how much memory it takes, whether every receipt got exactly the outcome it should, and
-how that throughput compares with a bare confluent-kafka consume -> produce loop over
-the same records on the same broker in the same run.
+how that throughput compares with a bare confluent-kafka consume -> produce loop and with
+a faust app that only reads the records (the faust floor), over the same records on the
+same broker in the same run.
 
 How:
 
@@ -41,6 +42,14 @@ How:
    the median run is reported. The report's `ratio` is worker events/s / baseline
    events/s. CPU milliseconds per event are reported for both: on a shared host they
    vary less than wall-clock rates.
+6. Faust floor, after the baseline (`--no-faust-floor` skips it): `bench/faust_floor.py`, a
+   faust app with the processor app's settings (uvloop, at-least-once, the same commit
+   interval and producer settings, a memory store) whose one agent only counts the
+   events of the same raw-postbacks topic (`--faust-floor-mode send`: and sends each one
+   unchanged to a scratch topic). Timed like the baseline, `--baseline-runs` times, each
+   with a fresh app id (group), median run reported. `ratio_to_faust_floor` is worker
+   events/s / faust floor events/s: how close the worker gets to what faust itself can
+   consume on this host.
 
 Optional `--profile`: py-spy samples the worker (non-blocking) from its first output to
 the end of the timed run and the report lists the top self-time frames. Sampling costs
@@ -88,6 +97,7 @@ from postback.config import Settings  # noqa: E402
 from postback.topics import Topics, ensure_topics  # noqa: E402
 
 FORWARDER = BENCH_DIR / "bare_forwarder.py"
+FAUST_FLOOR = BENCH_DIR / "faust_floor.py"
 DEFAULT_JSON_OUT = BENCH_DIR / "results" / "process.json"
 KINDS = ("valid", "duplicate", "bad_signature", "late_click")
 DEFAULT_MIX = "valid=0.8,duplicate=0.1,bad_signature=0.05,late_click=0.05"
@@ -419,30 +429,43 @@ def check_outcomes(kafka: KafkaService, topics: Topics, work: Workload) -> dict[
     }
 
 
-def run_baseline(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
-                 scratch: Path, n: int) -> dict[str, Any]:
-    """`--baseline-runs` runs (each a fresh group and output topic); the median run by events/s."""
-    runs = [run_baseline_once(args, kafka, topics, env, scratch, n) for _ in range(args.baseline_runs)]
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run by events/s, with how many runs there were and each one's events/s."""
     median = sorted(runs, key=lambda r: r["events_per_s"])[(len(runs) - 1) // 2]
     return dict(median, runs=len(runs), events_per_s_all_runs=[r["events_per_s"] for r in runs])
 
 
-def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
-                      scratch: Path, n: int) -> dict[str, Any]:
-    out_topic = kafka.create_topic(f"{topics.prefix}.bare-out", partitions=topics.raw_postbacks.partitions)
-    argv = [sys.executable, str(FORWARDER), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
-            topics.raw_postbacks.name, "--topic-out", out_topic, "--count", str(n), "--timeout", str(args.timeout)]
+def run_baseline(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+                 scratch: Path, n: int) -> dict[str, Any]:
+    """`--baseline-runs` runs (each a fresh group and output topic); the median run by events/s."""
+    return median_run([run_baseline_once(args, kafka, topics, env, scratch, n) for _ in range(args.baseline_runs)])
+
+
+def run_faust_floor(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+                    scratch: Path, n: int) -> dict[str, Any]:
+    """`--baseline-runs` runs (each a fresh app id, so a fresh group); the median run by events/s."""
+    return median_run([run_faust_floor_once(args, kafka, topics, env, scratch, n)
+                       for _ in range(args.baseline_runs)])
+
+
+def run_timed_child(name: str, argv: list[str], env: dict[str, str], log_path: Path, n: int, timeout: float,
+                    t_done: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one short-lived comparison process (bare_forwarder.py, faust_floor.py) to its end.
+
+    It prints one JSON line with `time.monotonic()` readings `t_first_record`, `t_done` and
+    `max_rss_kb`, and must exit 0. Returns that line and the timing: from `Popen` to `t_done`,
+    and from its first record to `t_done`."""
     host_before = host_cpu_ticks()
     # CPU of reaped children: the worker and py-spy were reaped before, the broker is not
-    # reaped until the end, so the difference is the baseline's own CPU time.
+    # reaped until the end, so the difference is this child's own CPU time.
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child = Child("baseline", argv, env, scratch / "baseline.log", stdout_pipe=True)
-    sampler = RssSampler({"baseline": child.proc.pid})
+    child = Child(name, argv, env, log_path, stdout_pipe=True)
+    sampler = RssSampler({name: child.proc.pid})
     sampler.start()
     try:
         assert child.proc.stdout is not None
         out = child.proc.stdout.read().decode()  # until it exits (one JSON line)
-        child.proc.wait(timeout=args.timeout)
+        child.proc.wait(timeout=timeout)
     finally:
         sampler.stop()
         exit_code = child.stop()
@@ -451,13 +474,12 @@ def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Top
     host_after = host_cpu_ticks()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if exit_code != 0 or not lines:
-        raise RuntimeError(f"baseline exited {exit_code}: {out}\n{tail(scratch / 'baseline.log')}")
+        raise RuntimeError(f"{name} exited {exit_code}: {out}\n{tail(log_path)}")
     result = json.loads(lines[-1])
-    elapsed = result["t_last_ack"] - child.started
-    steady = result["t_last_ack"] - result["t_first_record"]
-    records = settled_count(kafka, out_topic, n)
-    log(f"baseline: {n:,} records forwarded after {elapsed:.2f}s ({n / elapsed:,.0f}/s from start)")
-    return {
+    elapsed = result[t_done] - child.started
+    steady = result[t_done] - result["t_first_record"]
+    log(f"{name}: {n:,} records after {elapsed:.2f}s ({n / elapsed:,.0f}/s from start)")
+    return result, {
         "events_per_s": round(n / elapsed, 1),
         "elapsed_s": round(elapsed, 3),
         "elapsed_from_first_record_s": round(steady, 3),
@@ -467,11 +489,41 @@ def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Top
         "cpu_ms_per_event": round(1000 * cpu_s / n, 4),
         "host_cpu_busy_pct": host_busy_pct(host_before, host_after),
         # ru_maxrss (KB on Linux) from the child itself: it lives too briefly for sampling.
-        "rss_mb_peak": mb(max(int(result.get("max_rss_kb", 0)), sampler.peak_kb["baseline"])),
-        "records_in_output_topic": records,
-        "delivery_errors": result["delivery_errors"],
+        "rss_mb_peak": mb(max(int(result.get("max_rss_kb", 0)), sampler.peak_kb[name])),
         "exit_code": exit_code,
     }
+
+
+def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+                      scratch: Path, n: int) -> dict[str, Any]:
+    out_topic = kafka.create_topic(f"{topics.prefix}.bare-out", partitions=topics.raw_postbacks.partitions)
+    argv = [sys.executable, str(FORWARDER), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
+            topics.raw_postbacks.name, "--topic-out", out_topic, "--count", str(n), "--timeout", str(args.timeout)]
+    result, timing = run_timed_child("baseline", argv, env, scratch / "baseline.log", n, args.timeout, "t_last_ack")
+    return dict(timing, records_in_output_topic=settled_count(kafka, out_topic, n),
+                delivery_errors=result["delivery_errors"])
+
+
+def run_faust_floor_once(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
+                         scratch: Path, n: int) -> dict[str, Any]:
+    # The app id starts with the run's topic prefix, so faust's assignor topic is deleted with the others.
+    argv = [sys.executable, str(FAUST_FLOOR), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
+            topics.raw_postbacks.name, "--count", str(n), "--timeout", str(args.timeout), "--mode",
+            args.faust_floor_mode, "--app-id-prefix", f"{topics.prefix}-faust-floor"]
+    out_topic = None
+    if args.faust_floor_mode == "send":
+        out_topic = kafka.create_topic(f"{topics.prefix}.faust-floor-out", partitions=topics.raw_postbacks.partitions)
+        argv += ["--topic-out", out_topic]
+    result, timing = run_timed_child("faust floor", argv, env, scratch / "faust-floor.log", n, args.timeout,
+                                     "t_last")
+    extra: dict[str, Any] = {"mode": result["mode"], "loop": result["loop"]}
+    if out_topic is not None:
+        extra.update(records_in_output_topic=settled_count(kafka, out_topic, n), acked=result["acked"])
+    return dict(timing, **extra)
+
+
+def rate_ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 4) if numerator and denominator else None
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -513,6 +565,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         log("baseline: bare consume -> produce loop over the same raw postbacks ...")
         baseline = run_baseline(args, kafka, topics, env, scratch, n)
+        faust_floor = None
+        if not args.no_faust_floor:
+            log(f"faust floor: a faust app that only reads the same raw postbacks ({args.faust_floor_mode}) ...")
+            faust_floor = run_faust_floor(args, kafka, topics, env, scratch, n)
 
     steady_s = w.elapsed_s - w.first_output_s if w.first_output_s is not None else None
     ready_to_done = w.elapsed_s - w.ready_s if w.ready_s is not None else None
@@ -536,8 +592,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "extra_env": dict(args.worker_env),
         "exit_code": w.exit_code,
     }
-    ratio = round(worker["events_per_s"] / baseline["events_per_s"], 4) if baseline["events_per_s"] else None
-    b_steady = baseline["events_per_s_from_first_record"]
+    floor = faust_floor or {}
     details.update({
         "counts": work.counts,
         "kafka": kafka.provider,
@@ -546,8 +601,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "raw_record_bytes_avg": round(work.raw_bytes / n, 1),
         "clicks": {"before_postbacks": len(work.clicks_first), "after_postbacks": len(work.clicks_last)},
         "prefill_s": round(prefill_s, 2),
-        "ratio_from_first_output": round(worker["events_per_s_from_first_output"] / b_steady, 4)
-        if worker["events_per_s_from_first_output"] and b_steady else None,
+        "ratio_from_first_output": rate_ratio(worker["events_per_s_from_first_output"],
+                                              baseline["events_per_s_from_first_record"]),
+        "ratio_to_faust_floor_from_first_output": rate_ratio(worker["events_per_s_from_first_output"],
+                                                             floor.get("events_per_s_from_first_record")),
         "outputs_when_timed": w.outputs_at_done,
         "progress_columns": ["s_since_start", "outcomes", "internal_dedupe_records", "internal_attribute_records"],
         "progress": thin(w.progress, 1.0),
@@ -557,19 +614,28 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         details["profile"] = w.profile
     host["loadavg_end"] = loadavg()
     return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
-            "ratio": ratio, "correct": details["correct"], "details": details, "host": host}
+            "ratio": rate_ratio(worker["events_per_s"], baseline["events_per_s"]), "faust_floor": faust_floor,
+            "ratio_to_faust_floor": rate_ratio(worker["events_per_s"], floor.get("events_per_s")),
+            "correct": details["correct"], "details": details, "host": host}
 
 
 def copy_logs(scratch: Path, logs_dir: Path) -> None:
     logs_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("worker.log", "baseline.log", "py-spy.txt", "py-spy.log"):
+    for name in ("worker.log", "baseline.log", "faust-floor.log", "py-spy.txt", "py-spy.log"):
         if (scratch / name).exists():
             shutil.copy(scratch / name, logs_dir / name)
     log(f"logs copied to {logs_dir}")
 
 
+def comparison_row(label: str, r: dict[str, Any]) -> str:
+    """A summary table row for the baseline or the faust floor (a median of short runs)."""
+    return (f"| {label} (median of {r['runs']}) | {r['events_per_s']:,.0f} | {r['elapsed_s']} | "
+            f"{r['events_per_s_from_first_record'] or 0:,.0f} | {r['cpu_pct']} | {r['cpu_ms_per_event']} | "
+            f"{r['rss_mb_peak']} |")
+
+
 def summary(report: dict[str, Any]) -> str:
-    w, b, d = report["worker"], report["baseline"], report["details"]
+    w, b, f, d = report["worker"], report["baseline"], report["faust_floor"], report["details"]
     lines = [
         f"process benchmark: {report['postbacks']:,} postbacks, one worker, Kafka {d['kafka']}, "
         f"{report['host']['cpus']} CPUs",
@@ -578,12 +644,13 @@ def summary(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| worker | {w['events_per_s']:,.0f} | {w['elapsed_s']} | {w['events_per_s_from_first_output'] or 0:,.0f} | "
         f"{w['cpu_pct']} | {w['cpu_ms_per_event']} | {w['rss_mb_peak']} |",
-        f"| baseline (median of {b['runs']}) | {b['events_per_s']:,.0f} | {b['elapsed_s']} | "
-        f"{b['events_per_s_from_first_record'] or 0:,.0f} | {b['cpu_pct']} | {b['cpu_ms_per_event']} | "
-        f"{b['rss_mb_peak']} |",
+        comparison_row("baseline", b),
+        *([comparison_row(f"faust floor, {f['mode']}", f)] if f else []),
         "",
-        f"ratio {report['ratio']} (from first output: {d['ratio_from_first_output']}); worker first output after "
-        f"{w['first_output_s']}s, Ready after {w['ready_s']}s; exit code {w['exit_code']}",
+        f"ratio {report['ratio']} (from first output: {d['ratio_from_first_output']})"
+        + (f"; ratio to faust floor {report['ratio_to_faust_floor']} (from first output: "
+           f"{d['ratio_to_faust_floor_from_first_output']})" if f else ""),
+        f"worker first output after {w['first_output_s']}s, Ready after {w['ready_s']}s; exit code {w['exit_code']}",
         f"outcomes {d['outcomes']} expected {d['expected']} -> {'OK' if report['correct'] else 'FAILED'}; "
         f"attribution {d['attribution']}",
     ]
@@ -604,8 +671,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Benchmark one processor worker (python -m postback.cli process: verify signatures, dedupe, "
                     "attribute) against a real Kafka: pre-fill clicks and N signed raw postbacks, time the worker "
                     "from start until N outcomes (conversions + rejections + duplicates) are in Kafka, check "
-                    "every outcome, and time a bare confluent-kafka consume->produce loop over the same records "
-                    "in the same run (bench/bare_forwarder.py). One JSON document goes to stdout (and "
+                    "every outcome, and time a bare confluent-kafka consume->produce loop (bench/bare_forwarder.py) "
+                    "and a faust app that only counts them (bench/faust_floor.py) over the same records in the "
+                    "same run. One JSON document goes to stdout (and "
                     "--json-out); progress and a summary go to stderr.",
         epilog="Kafka: KAFKA_BOOTSTRAP_SERVERS if set, else a local Apache Kafka started in a temp dir. On a "
                "shared machine compare the ratio within one run, not absolute events/s across runs. Exit "
@@ -621,20 +689,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the worker's --loglevel (default info: faust then logs 'Ready', and nothing per "
                              "event)")
     parser.add_argument("--baseline-runs", type=positive_int, default=3, metavar="K",
-                        help="baseline runs (each well under a second for 20000 records, so one run is noisy); "
-                             "the median run by events/s is reported (default 3)")
+                        help="runs of the baseline and of the faust floor (each a few seconds at most for 20000 "
+                             "records, so one run is noisy); the median run by events/s is reported (default 3)")
+    parser.add_argument("--no-faust-floor", action="store_true",
+                        help="skip the faust floor (bench/faust_floor.py: a faust app with the processor's "
+                             "settings that only counts the raw postbacks)")
+    parser.add_argument("--faust-floor-mode", choices=["consume", "send"], default="consume",
+                        help="consume: the faust floor only counts each event (default); send: it also sends "
+                             "each one unchanged to a scratch topic with faust's producer")
     parser.add_argument("--worker-env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the worker only, repeatable; for what-if runs with faust "
                              "settings, e.g. PRODUCER_LINGER=0.005 (recorded in worker.extra_env)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
-                        help="give up when the worker or the baseline takes longer (default 900)")
+                        help="give up when the worker, the baseline or the faust floor takes longer (default "
+                             "900)")
     add_profile_args(parser, "sample the worker with py-spy (non-blocking, 100 Hz) from its first output to the "
                      "end; adds the top self-time and inclusive frames to details.profile. It costs the "
                      "worker some CPU: quote events/s from a run without it",
                      10)
     add_output_args(parser, DEFAULT_JSON_OUT,
-                    "copy the worker's and the baseline's logs (and py-spy's raw output) here")
+                    "copy the worker's, the baseline's and the faust floor's logs (and py-spy's raw output) here")
     return parser.parse_args(argv)
 
 
