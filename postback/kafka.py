@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
@@ -82,13 +82,15 @@ class AsyncProducer:
         """Produce one record and wait for the broker's acknowledgement."""
         await self.send_batch([(topic, key, value, None)])
 
-    async def send_batch(self, records: Sequence[tuple[str, bytes | None, bytes, int | None]]) -> None:
+    async def send_batch(self, records: Sequence[tuple[str, bytes | None, bytes | None, int | None]],
+                         on_acked: Callable[[Any], None] | None = None) -> None:
         """Produce `(topic, key, value, partition or None)` records in order; wait for all acknowledgements.
 
         One future for the whole batch, not one per record: a stream processor publishes
         hundreds of outputs per batch. Raises `KafkaUnavailable` if any record was not
         acknowledged; the others may be in Kafka, so a caller that retries the batch must
-        tolerate repeats (the processors' outputs are idempotent).
+        tolerate repeats (the processors' outputs are idempotent). `on_acked(message)` is
+        called for each acknowledged record (it has `.topic()`, `.partition()`, `.offset()`).
         """
         if not records:
             return
@@ -107,7 +109,7 @@ class AsyncProducer:
             else:
                 future.set_exception(state[1])
 
-        def delivered(err: KafkaError | None, _msg: Any) -> None:
+        def delivered(err: KafkaError | None, msg: Any) -> None:
             self._inflight -= 1
             state[0] -= 1
             if err is not None and state[1] is None:
@@ -115,6 +117,8 @@ class AsyncProducer:
                 self.last_error = err.str()
                 reason = "timeout" if err.code() == KafkaError._MSG_TIMED_OUT else "delivery_failed"
                 state[1] = KafkaUnavailable(reason, err.str())
+            elif err is None and on_acked is not None:
+                on_acked(msg)
             settle()
 
         produce = self._producer.produce

@@ -15,20 +15,22 @@ Design (see docs/architecture.md):
   there yet wait in the `pending` table; ticks sent to every partition expire them.
 
 Batches: each agent takes up to `batch_max` events at a time (`take_events`), runs the
-pure stages on each with that event set as faust's current event (tables write their
-changelog to the event's partition), and hands all outputs to `processors.publish`: one
-confluent-kafka producer, internal hops as one envelope per partition. See there why.
+pure stages on each with that event set as faust's current event (table writes go to
+the event's partition), and hands the batch's table changelog records (`processors.tables`)
+and outputs to `processors.publish`: one confluent-kafka producer, internal hops as one
+envelope per partition. See there why.
 
 Guarantees: at-least-once (faust's exactly-once mode is not used), every step idempotent:
 reprocessing a receipt yields the same output record (see `processors.dedupe`). A batch's
-outputs are acknowledged by Kafka before faust acks its events, and faust flushes table
-changelogs before it commits offsets; so a committed input always has its outputs and state.
+changelog records and outputs are acknowledged by Kafka before faust acks its events, so a
+committed input always has its state change and its outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,6 +44,7 @@ from postback.partners import PartnerConfig
 from postback.topics import Topics, TopicSpec
 from processors import stages
 from processors.publish import Publisher, decode_envelope
+from processors.tables import batch_table
 from schemas.codec import Codec, CodecError
 
 log = logging.getLogger("processors")
@@ -115,7 +118,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         web_port=opts.web_port + worker_index,
         web_enabled=True,
         producer_acks=-1,
-        producer_linger_ms=5,  # faust's own producer now only sends table changelogs and ticks
+        producer_linger_ms=5,  # faust's own producer only sends the ticks
         table_cleanup_interval=3600.0,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
@@ -132,13 +135,10 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     dedupe_topic = raw_topic(topics.processor_dedupe.name, internal=True)
     attribute_topic = raw_topic(topics.processor_attribute.name, internal=True)
 
-    def table(name: str) -> Any:
-        # str keys and dict values: faust picks its json serializer for both.
-        return app.Table(name, default=None, partitions=opts.partitions, key_type=str, value_type=None)
-
-    dedupe_table = table("dedupe")
-    clicks_table = table("clicks")
-    pending_table = table("pending")
+    dedupe_table = batch_table(app, "dedupe", opts.partitions)
+    clicks_table = batch_table(app, "clicks", opts.partitions)
+    pending_table = batch_table(app, "pending", opts.partitions)
+    tables = {table.changelog_topic.get_topic_name(): table for table in (dedupe_table, clicks_table, pending_table)}
     wait_ms = int(opts.late_click_wait_s * 1000)
     publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives
 
@@ -155,8 +155,13 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         return publishers[0]
 
     async def publish(outputs: list[stages.Output]) -> None:
-        if outputs:
-            await publisher().publish(outputs, stopping=lambda: app.should_stop)
+        """The batch's table changes and outputs, acknowledged before the batch's events are acked."""
+        changelog = [record for table in tables.values() for record in table.take_changelog()]
+        if not outputs and not changelog:
+            return
+        acked = await publisher().publish(outputs, stopping=lambda: app.should_stop, changelog=changelog)
+        for (topic, partition), offset in acked.items():
+            tables[topic].changelog_acked(partition, offset)
 
     @app.on_before_shutdown.connect
     async def close_publisher(_app: Any, **_kwargs: Any) -> None:
@@ -165,13 +170,28 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     async def run_batches(stream: Any, handle: Callable[[Any, int, int], Iterable[stages.Output]]) -> None:
         """Take events in batches, `handle(event, partition, now_ms)` each as faust's current
-        event, then publish the batch's outputs; faust acks the batch once this loop asks for the next."""
-        async for events in _batches(stream, opts):
-            outputs: list[stages.Output] = []
-            now = _now_ms()
-            for event in events:
-                outputs.extend(handle(event, _enter(stream, event), now))
-            await publish(outputs)
+        event, then publish the batch's outputs; faust acks the batch once this loop asks for the next.
+
+        An exception here is a bug or a lost broker, never bad input (undecodable records are
+        skipped). faust would log the agent as crashed and keep the worker alive, consuming
+        nothing: instead the worker exits, loudly, and its supervisor restarts it; the
+        unacked batch is processed again.
+        """
+        try:
+            async for events in _batches(stream, opts):
+                outputs: list[stages.Output] = []
+                now = _now_ms()
+                for event in events:
+                    outputs.extend(handle(event, _enter(stream, event), now))
+                await publish(outputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if app.should_stop:
+                raise
+            log.critical("agent %s failed; exiting so that the worker is restarted", stream, exc_info=True)
+            logging.shutdown()
+            os._exit(70)
 
     def decoded(codec: Codec, event: Any) -> dict[str, Any] | None:
         try:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka.partitioner import murmur2
 
 from postback.kafka import AsyncProducer, KafkaUnavailable
 from processors.stages import Output, encode_internal, exact_amount
+from processors.tables import Record
 from schemas.codec import Codec
 
 log = logging.getLogger("processors")
@@ -104,19 +105,30 @@ class Publisher:
                            for partition, value in encode_envelopes(items))
         return records
 
-    async def publish(self, outputs: list[Output], stopping: Callable[[], bool] = lambda: False) -> None:
-        """Send and wait for every acknowledgement; retry the whole batch with backoff until it is.
+    async def publish(self, outputs: list[Output], stopping: Callable[[], bool] = lambda: False,
+                      changelog: Sequence[Record] = ()) -> dict[tuple[str, int], int]:
+        """Send the outputs and the batch's table `changelog` records (first, in write order),
+        wait for every acknowledgement; retry the whole batch with backoff until it is.
 
-        Raises `asyncio.CancelledError` only from shutdown; the batch is then not acked,
-        so it is processed again after restart.
+        Returns the highest acknowledged offset per (changelog topic, partition). Raises
+        (`KafkaUnavailable`) only when `stopping()`; the batch is then not acked, so it is
+        processed again after restart.
         """
-        records = self.records(outputs)
+        records = list(changelog) + self.records(outputs)
+        changelog_topics = {record[0] for record in changelog}
         delay = RETRY_INITIAL_S
         while True:
+            acked: dict[tuple[str, int], int] = {}
+
+            def on_acked(msg: Any) -> None:
+                if msg.topic() in changelog_topics:
+                    where = (msg.topic(), msg.partition())
+                    acked[where] = max(acked.get(where, -1), msg.offset())
+
             try:
-                await self._producer.send_batch(records)
+                await self._producer.send_batch(records, on_acked if changelog_topics else None)
                 self.published += len(records)
-                return
+                return acked
             except KafkaUnavailable as exc:
                 if stopping():
                     raise
