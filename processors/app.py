@@ -144,8 +144,9 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     def publisher() -> Publisher:
         if not publishers:
-            producer = AsyncProducer(producer_config(bootstrap, delivery_timeout_s=opts.delivery_timeout_s),
-                                     asyncio.get_running_loop())
+            # linger 1 ms: outputs already leave in whole batches; lingering only adds latency to each hop.
+            config = producer_config(bootstrap, delivery_timeout_s=opts.delivery_timeout_s, **{"linger.ms": 1})
+            producer = AsyncProducer(config, asyncio.get_running_loop())
             publishers.append(Publisher(
                 producer,
                 {"conversion": topics.conversions.name, "rejection": topics.rejections.name,
