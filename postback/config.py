@@ -99,7 +99,7 @@ class ProcessOptions:
     #: Short sessions let a restarted worker take its partitions back quickly (faust sends no LeaveGroup).
     session_timeout_s: float = 10.0
     #: Offsets are committed this often; a crash replays at most this much (outputs are idempotent).
-    commit_interval_s: float = 0.2
+    commit_interval_s: float = 1.0
     #: Each agent takes up to this many events at a time, waiting at most batch_wait_s for them.
     batch_max: int = 500
     batch_wait_s: float = 0.01

@@ -43,6 +43,7 @@ from postback.kafka import AsyncProducer, producer_config
 from postback.partners import PartnerConfig
 from postback.topics import Topics, TopicSpec
 from processors import stages
+from processors.faust_app import PostbackApp
 from processors.publish import Publisher, decode_envelope
 from processors.tables import batch_table
 from schemas.codec import Codec, CodecError
@@ -103,7 +104,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
                data_dir: Path, worker_index: int = 0) -> faust.App:
     """Build the processor app; every worker of one deployment uses the same app id (consumer group)."""
     topics = Topics(settings.topic_prefix)
-    app = faust.App(
+    app = PostbackApp(
         app_id(settings),
         broker=broker_url(bootstrap),
         store="rocksdb://",
