@@ -31,6 +31,8 @@ from processors.normalize import Normalized
 
 #: Receipts remembered per key: enough for any realistic sequence of status changes.
 MAX_RECEIPTS = 32
+#: Signed requests (replay keys) remembered per key within the timestamp tolerance.
+MAX_REPLAYS = 16
 
 
 def dedupe_key(n: Normalized, adv: Advertiser, replay_key: str) -> tuple[str, str]:
@@ -63,17 +65,46 @@ def _expired(entry: dict[str, Any] | None, now_ms: int, horizon_ms: int) -> bool
     return entry is None or now_ms - int(entry["t"]) > horizon_ms
 
 
-def check_retry(entry: dict[str, Any] | None, receipt_id: str, received_at_ms: int,
-                window_ms: int) -> tuple[Decision | None, dict[str, Any] | None]:
+def check_retry(seen: list[Any] | None, receipt_id: str, received_at_ms: int, window_ms: int) -> Decision | None:
     """Replay detection: the same signed request seen within `window_ms` is a retry.
 
-    Returns (decision or None to continue, the entry to store or None to leave as is).
+    `seen` is `[first receipt, its received_at_ms]` remembered for this request's replay key
+    (see `remember_replay`), or None. Our own earlier processing of this receipt is not a retry.
     """
-    if entry is not None and entry["r"] != receipt_id and received_at_ms - int(entry["t"]) <= window_ms:
-        return Decision("duplicate", first_receipt=entry["r"], reason="retry"), None
-    if entry is not None and entry["r"] == receipt_id:
-        return None, None  # our own earlier processing
-    return None, {"r": receipt_id, "t": received_at_ms}
+    if seen is not None and seen[0] != receipt_id and received_at_ms - int(seen[1]) <= window_ms:
+        return Decision("duplicate", first_receipt=seen[0], reason="retry")
+    return None
+
+
+def remember_replay(entry: dict[str, Any], replay_key: str, receipt_id: str, received_at_ms: int,
+                    window_ms: int, duplicate: Decision | None = None) -> dict[str, Any]:
+    """`entry` with this request's replay key recorded under `rk`, and, when the receipt
+    was judged a `duplicate`, that judgement (see `replayed_duplicate`).
+
+    Why inside the dedupe entry: a retry of a signed request carries the very same
+    parameters, so it always meets the entry of its dedupe key. Keeping its replay key
+    there makes one table write per receipt instead of two. Keys older than the window
+    are dropped, and at most MAX_REPLAYS are kept: a retry of an evicted request is still
+    a duplicate, reported as the dedupe key's repeat instead of `retry`.
+    """
+    replays = {key: seen for key, seen in (entry.get("rk") or {}).items()
+               if received_at_ms - int(seen[1]) <= window_ms}
+    replays[replay_key] = [receipt_id, received_at_ms] + \
+        ([duplicate.first_receipt, duplicate.reason] if duplicate is not None else [])
+    while len(replays) > MAX_REPLAYS:
+        replays.pop(next(iter(replays)))
+    return dict(entry, rk=replays)
+
+
+def replayed_duplicate(seen: list[Any] | None, receipt_id: str) -> Decision | None:
+    """This receipt processed again (at-least-once) after it was judged a duplicate: the same judgement.
+
+    Why stored, not recomputed: the table may already hold the effect of later receipts
+    (a status update), under which the repeat would now look like an update.
+    """
+    if seen is not None and seen[0] == receipt_id and len(seen) >= 4:
+        return Decision("duplicate", first_receipt=seen[2], reason=seen[3])
+    return None
 
 
 def decide(entry: dict[str, Any] | None, kind: str, receipt_id: str, status: str, received_at_ms: int,

@@ -22,7 +22,7 @@ from typing import Any
 
 from postback.partners import PartnerConfig
 from processors.attribution import attribute
-from processors.dedupe import check_retry, conversion_id, decide, dedupe_key
+from processors.dedupe import check_retry, conversion_id, decide, dedupe_key, remember_replay, replayed_duplicate
 from processors.normalize import Invalid, normalize
 from processors.signing import AuthFailed, authenticate
 
@@ -103,18 +103,23 @@ def dedupe(msg: dict[str, Any], table: MutableMapping[str, Any], partition: int,
     Entries remember their partition (`p`) so that expiry, which runs per partition,
     only deletes keys that partition's changelog owns.
     """
-    replay_table_key = "r:" + msg["replay_key"]
-    retry, replay_entry = check_retry(table.get(replay_table_key), msg["receipt_id"], msg["received_at_ms"],
-                                      msg["replay_window_ms"])
+    table_key = "d:" + msg["dedupe_key"]
+    entry = table.get(table_key)
+    seen = ((entry or {}).get("rk") or {}).get(msg["replay_key"])
+    retry = check_retry(seen, msg["receipt_id"], msg["received_at_ms"], msg["replay_window_ms"]) or \
+        replayed_duplicate(seen, msg["receipt_id"])
     if retry is not None:
         return _duplicate(msg, retry.first_receipt, retry.reason, now_ms)
-    if replay_entry is not None:
-        table[replay_table_key] = dict(replay_entry, p=partition)
-    table_key = "d:" + msg["dedupe_key"]
-    decision, entry = decide(table.get(table_key), msg["kind"], msg["receipt_id"], msg["status"],
-                             msg["received_at_ms"], msg["horizon_ms"])
-    if entry is not None:
-        table[table_key] = dict(entry, p=partition, h=msg["horizon_ms"])
+    decision, updated = decide(entry, msg["kind"], msg["receipt_id"], msg["status"], msg["received_at_ms"],
+                               msg["horizon_ms"])
+    own = seen is not None and seen[0] == msg["receipt_id"]  # this receipt, processed again after a crash
+    if updated is not None or not own:
+        base = updated if updated is not None else entry
+        assert base is not None  # decide() returns a new entry when there was none
+        if not own:
+            base = remember_replay(base, msg["replay_key"], msg["receipt_id"], msg["received_at_ms"],
+                                   msg["replay_window_ms"], decision if decision.outcome == "duplicate" else None)
+        table[table_key] = dict(base, p=partition, h=msg["horizon_ms"])
     if decision.outcome == "duplicate":
         return _duplicate(msg, decision.first_receipt, decision.reason, now_ms)
     conversion = _conversion(msg, decision.version, now_ms)
@@ -233,17 +238,12 @@ def expire_pending(pending: MutableMapping[str, Any], partition: int, partners: 
     return outputs
 
 
-#: Replay entries matter only within an advertiser's timestamp tolerance (at most a day).
-REPLAY_HORIZON_MS = 86_400_000
-
-
 def expire_dedupe(table: MutableMapping[str, Any], partition: int, now_ms: int, horizon_ms: int,
                   limit: int = 100_000) -> int:
     """Drop entries older than their horizon on this partition, so state stays bounded; returns how many."""
     removed = 0
     for key, entry in list(table.items()):
-        keep_ms = REPLAY_HORIZON_MS if key.startswith("r:") else int(entry.get("h", horizon_ms))
-        if entry.get("p") == partition and now_ms - int(entry["t"]) > keep_ms:
+        if entry.get("p") == partition and now_ms - int(entry["t"]) > int(entry.get("h", horizon_ms)):
             del table[key]
             removed += 1
             if removed >= limit:

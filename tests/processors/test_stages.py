@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -131,11 +132,39 @@ def test_order_repeat_status_update_retry_and_reprocessing() -> None:
     assert update.kind == "attribute" and update.record["version"] == 2
     assert update.record["conversion_id"] == first.record["conversion_id"]
 
-    # At-least-once: R1 and R4 processed again after a crash give the very same records.
+    # At-least-once: R1..R4 processed again after a crash give the very same records, and change no state.
+    state = json.dumps(table, sort_keys=True)
     replay1 = _through_dedupe(signed(list(pending.items()), receipt="R1"), table)
+    replay2 = _through_dedupe(signed(list(pending.items()), receipt="R2"), table)
+    replay3 = _through_dedupe(signed(list(pending.items()), ts_ms=NOW + 1000, receipt="R3"), table)
     replay4 = _through_dedupe(signed(list(approved.items()), ts_ms=NOW + 2000, receipt="R4"), table)
     assert (replay1.kind, replay1.record["version"]) == ("attribute", 1)
+    assert (replay2.kind, replay2.record["reason"], replay2.record["first_receipt_id"]) == ("duplicate", "retry",
+                                                                                             "R1")
+    assert (replay3.kind, replay3.record["reason"]) == ("duplicate", "order_repeat")
     assert (replay4.kind, replay4.record["version"]) == ("attribute", 2)
+    assert json.dumps(table, sort_keys=True) == state
+    # A retry of the repeat R3 (same signed request) points at R3 itself.
+    retry3 = _through_dedupe(signed(list(pending.items()), ts_ms=NOW + 1000, receipt="R5"), table)
+    assert (retry3.record["reason"], retry3.record["first_receipt_id"]) == ("retry", "R3")
+
+
+def test_a_retry_outside_the_tolerance_window_is_judged_by_its_key() -> None:
+    table: dict = {}
+    first = _through_dedupe(signed(BASE, receipt="W1"), table)
+    assert first.kind == "attribute"
+    msg = stages.verify(signed(BASE, receipt="W2"), PARTNERS, NOW).record
+    later = dict(msg, received_at_ms=NOW + msg["replay_window_ms"] + 1)  # same request, after the window
+    out = stages.dedupe(later, table, 0, NOW)
+    assert (out.kind, out.record["reason"], out.record["first_receipt_id"]) == ("duplicate", "order_repeat", "W1")
+
+
+def test_replay_keys_per_entry_are_bounded() -> None:
+    table: dict = {}
+    for i in range(40):  # 40 distinct signed requests for one order (different ts) within the window
+        _through_dedupe(signed(BASE, ts_ms=NOW + i * 1000, receipt=f"B{i}"), table)
+    [entry] = table.values()
+    assert len(entry["rk"]) <= 16
 
 
 def test_one_time_event_without_order_id_dedupes_per_click() -> None:
@@ -167,9 +196,7 @@ def test_dedupe_entries_expire_after_horizon() -> None:
     table: dict = {}
     _through_dedupe(signed(BASE, receipt="H1"), table, partition=3)
     assert stages.expire_dedupe(table, 2, NOW + 91 * 86_400_000, 90 * 86_400_000) == 0  # other partition
-    # The replay entry only matters within the timestamp tolerance: gone after a day.
-    assert stages.expire_dedupe(table, 3, NOW + 10 * 86_400_000, 90 * 86_400_000) == 1
-    assert list(table) == ["d:demo|purchase|O1"]
+    assert list(table) == ["d:demo|purchase|O1"]  # one entry per receipt's key: the replay key lives in it
     assert stages.expire_dedupe(table, 3, NOW + 89 * 86_400_000, 90 * 86_400_000) == 0  # order still fresh
     assert stages.expire_dedupe(table, 3, NOW + 91 * 86_400_000, 90 * 86_400_000) == 1
     assert table == {}
