@@ -44,6 +44,8 @@ from postback.partners import PartnerConfig
 from postback.topics import Topics, TopicSpec
 from processors import stages
 from processors.faust_app import PostbackApp
+from processors.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from processors.metrics import ProcessorMetrics
 from processors.publish import Publisher, decode_envelope
 from processors.tables import batch_table
 from schemas.codec import Codec, CodecError
@@ -57,11 +59,10 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _event_id(event: Any, item: int | None = None) -> str:
-    """Where an event (and an item of an envelope) sits in Kafka: a replay yields the same id (stages._release)."""
+def _event_id(event: Any) -> str:
+    """Where an event sits in Kafka: replaying it yields the same id (see stages._release)."""
     message = event.message
-    where = f"{message.topic}:{message.partition}:{message.offset}"
-    return where if item is None else f"{where}:{item}"
+    return f"{message.topic}:{message.partition}:{message.offset}"
 
 
 def _batches(stream: Any, opts: ProcessOptions) -> Any:
@@ -141,6 +142,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     pending_table = batch_table(app, "pending", opts.partitions)
     tables = {table.changelog_topic.get_topic_name(): table for table in (dedupe_table, clicks_table, pending_table)}
     wait_ms = int(opts.late_click_wait_s * 1000)
+    metrics = ProcessorMetrics()
     publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives
 
     def publisher() -> Publisher:
@@ -149,6 +151,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
             config = producer_config(bootstrap, delivery_timeout_s=opts.delivery_timeout_s, **{"linger.ms": 1})
             producer = AsyncProducer(config, asyncio.get_running_loop())
             publishers.append(Publisher(
+                metrics.publish_failures.inc,
                 producer,
                 {"conversion": topics.conversions.name, "rejection": topics.rejections.name,
                  "duplicate": topics.duplicates.name},
@@ -156,21 +159,30 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
                 opts.partitions))
         return publishers[0]
 
-    async def publish(outputs: list[stages.Output]) -> None:
+    async def publish(agent: str, events: int, outputs: list[stages.Output]) -> None:
         """The batch's table changes and outputs, acknowledged before the batch's events are acked."""
         changelog = [record for table in tables.values() for record in table.take_changelog()]
+        metrics.batch(agent, events, (out.kind for out in outputs), len(changelog))
         if not outputs and not changelog:
             return
+        started = time.monotonic()
         acked = await publisher().publish(outputs, stopping=lambda: app.should_stop, changelog=changelog)
+        metrics.publish_seconds.observe(time.monotonic() - started)
         for (topic, partition), offset in acked.items():
             tables[topic].changelog_acked(partition, offset)
+
+    @app.page("/metrics")
+    async def metrics_page(view: Any, _request: Any) -> Any:
+        # As a header: aiohttp refuses a content_type argument with parameters (charset, version).
+        return view.bytes(metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     @app.on_before_shutdown.connect
     async def close_publisher(_app: Any, **_kwargs: Any) -> None:
         if publishers:
             await publishers[0].close()
 
-    async def run_batches(stream: Any, handle: Callable[[Any, int, int], Iterable[stages.Output]]) -> None:
+    async def run_batches(agent: str, stream: Any,
+                          handle: Callable[[Any, int, int], Iterable[stages.Output]]) -> None:
         """Take events in batches, `handle(event, partition, now_ms)` each as faust's current
         event, then publish the batch's outputs; faust acks the batch once this loop asks for the next.
 
@@ -185,7 +197,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
                 now = _now_ms()
                 for event in events:
                     outputs.extend(handle(event, _enter(stream, event), now))
-                await publish(outputs)
+                await publish(agent, len(events), outputs)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -200,6 +212,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
             return codec.decode(event.value)
         except CodecError as exc:  # not written by our ingester: no receipt to answer for
             log.error("skipping an undecodable %s at %s: %s", codec.name, _event_id(event), exc)
+            metrics.skipped.labels(event.message.topic).inc()
             return None
 
     def verify_one(event: Any, _partition: int, now: int) -> list[stages.Output]:
@@ -228,19 +241,19 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     @app.agent(raw_in)
     async def verify(stream: Any) -> None:
-        await run_batches(stream, verify_one)
+        await run_batches("verify", stream, verify_one)
 
     @app.agent(dedupe_topic)
     async def dedupe(stream: Any) -> None:
-        await run_batches(stream, dedupe_one)
+        await run_batches("dedupe", stream, dedupe_one)
 
     @app.agent(attribute_topic)
     async def attribute(stream: Any) -> None:
-        await run_batches(stream, attribute_one)
+        await run_batches("attribute", stream, attribute_one)
 
     @app.agent(clicks_in)
     async def clicks(stream: Any) -> None:
-        await run_batches(stream, click_one)
+        await run_batches("clicks", stream, click_one)
 
     async def tick(topic: faust.TopicT) -> None:
         for partition in range(opts.partitions):

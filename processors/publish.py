@@ -76,8 +76,9 @@ def decode_envelope(value: bytes) -> list[dict[str, Any]]:
 class Publisher:
     """Turns a batch's `Output`s into Kafka records and waits until all are acknowledged."""
 
-    def __init__(self, producer: AsyncProducer, public_topics: dict[str, str], internal_topics: dict[str, str],
-                 partitions: int) -> None:
+    def __init__(self, on_failure: Callable[[], Any], producer: AsyncProducer, public_topics: dict[str, str],
+                 internal_topics: dict[str, str], partitions: int) -> None:
+        self._on_failure = on_failure  # called for each failed attempt (a metric)
         self._producer = producer
         self._public = public_topics  # kind -> topic name
         self._internal = internal_topics  # kind -> topic name
@@ -130,6 +131,7 @@ class Publisher:
                 self.published += len(records)
                 return acked
             except KafkaUnavailable as exc:
+                self._on_failure()
                 if stopping():
                     raise
                 log.warning("publishing %d records failed (%s); retrying in %.1f s", len(records), exc, delay)

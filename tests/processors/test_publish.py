@@ -57,8 +57,8 @@ def _all_output_kinds() -> list[stages.Output]:
 
 
 def test_stage_outputs_are_valid_avro_so_the_hot_path_may_skip_validation() -> None:
-    publisher = Publisher(None, {"conversion": "c", "rejection": "r", "duplicate": "d"},  # type: ignore[arg-type]
-                          {"attribute": "a"}, 6)
+    publisher = Publisher(lambda: None, None, {"conversion": "c", "rejection": "r",  # type: ignore[arg-type]
+                                               "duplicate": "d"}, {"attribute": "a"}, 6)
     outputs = _all_output_kinds()
     records = publisher.records(outputs)
     by_topic = {topic: value for topic, _key, value, _partition in records}
@@ -97,7 +97,7 @@ def test_publish_waits_for_every_record_and_envelopes_arrive(kafka: KafkaService
 
     async def run() -> int:
         producer = AsyncProducer(producer_config(kafka.bootstrap_servers), asyncio.get_running_loop())
-        publisher = Publisher(producer, {k: names[k] for k in ("conversion", "rejection", "duplicate")},
+        publisher = Publisher(lambda: None, producer, {k: names[k] for k in ("conversion", "rejection", "duplicate")},
                               {"attribute": names["attribute"]}, 6)
         await publisher.publish(outputs)
         assert producer.queue_depth() == 0  # returned only once all were acknowledged
@@ -117,6 +117,8 @@ def test_publish_waits_for_every_record_and_envelopes_arrive(kafka: KafkaService
 
 
 def test_publish_retries_until_acknowledged_and_fails_loudly_when_stopping() -> None:
+    failures: list[int] = []
+
     async def run() -> int:
         attempts = 0
 
@@ -127,10 +129,12 @@ def test_publish_retries_until_acknowledged_and_fails_loudly_when_stopping() -> 
 
         config = producer_config("127.0.0.1:1", delivery_timeout_s=0.5)  # nothing listens there
         producer = AsyncProducer(config, asyncio.get_running_loop())
-        publisher = Publisher(producer, {"conversion": "c", "rejection": "r", "duplicate": "d"}, {}, 6)
+        publisher = Publisher(lambda: failures.append(1), producer,
+                              {"conversion": "c", "rejection": "r", "duplicate": "d"}, {}, 6)
         with pytest.raises(KafkaUnavailable):
             await asyncio.wait_for(publisher.publish(_all_output_kinds()[:1], stopping), 30)
         await publisher.close(timeout=0.1)
         return attempts
 
     assert asyncio.run(run()) == 2  # one failure retried, the second given up because we are stopping
+    assert len(failures) == 2  # both counted (the processor's publish_failures metric)

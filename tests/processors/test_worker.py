@@ -6,6 +6,7 @@ import collections
 import shutil
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -47,6 +48,15 @@ def test_outcomes_attribution_late_and_missing_clicks(pipeline: Pipeline, tmp_pa
     assert one["R-forged"][0] == "Rejection" and one["R-forged"][1]["reason"] == "bad_signature"
     assert one["R-late"][1]["attribution"] == "attributed"
     assert one["R-never"][1]["attribution"] == "no_click"
+
+    # The worker's own account, on its web port: what it handled and emitted.
+    with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.web_ports[0]}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'postback_processor_events_total{agent="verify"} 7.0' in metrics
+    assert 'postback_processor_outputs_total{kind="rejection"} 1.0' in metrics
+    assert 'postback_processor_outputs_total{kind="duplicate"} 2.0' in metrics
+    assert 'postback_processor_outputs_total{kind="conversion"} 4.0' in metrics
+    assert "postback_processor_publish_failures_total 0.0" in metrics
 
 
 def _workload(pipeline: Pipeline, orders: int, now: int) -> tuple[set[str], dict[str, str]]:
