@@ -32,11 +32,13 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 
 from postback.config import ProcessOptions, Settings
 from postback.kafka import AsyncProducer, producer_config
@@ -69,14 +71,17 @@ def _batches(stream: Any, opts: ProcessOptions) -> Any:
     return stream.take_events(opts.batch_max, within=opts.batch_wait_s)
 
 
-def _enter(stream: Any, event: Any) -> int:
-    """Make `event` faust's current event, as its own per-event iteration would.
+def _enter(event: Any) -> int:
+    """Make `event` the current event of this agent's task, as faust's own per-event iteration does.
 
     Why: faust tables pick the changelog partition (and the RocksDB shard) of a write from
     the current event; in a batch that must be the event being processed, not the last
-    one taken. Returns the event's partition.
+    one taken. Only the task-local context variable is set, never `Stream.current_event`:
+    `take_events` reads that attribute (from the stream's own task) to pair each new value
+    with its event, so setting it here paired values with old events: events went unacked
+    (commits stalled) and their records were skipped. Returns the event's partition.
     """
-    stream._set_current_event(event)
+    _current_event.set(weakref.ref(event))
     return event.message.partition
 
 
@@ -196,7 +201,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
                 outputs: list[stages.Output] = []
                 now = _now_ms()
                 for event in events:
-                    outputs.extend(handle(event, _enter(stream, event), now))
+                    outputs.extend(handle(event, _enter(event), now))
                 await publish(agent, len(events), outputs)
         except asyncio.CancelledError:
             raise

@@ -92,6 +92,28 @@ class Pipeline:
                                      f"after {timeout}s; worker logs:\n{self.logs()[-3000:]}")
             time.sleep(1.0)
 
+    def group_lag(self) -> dict[str, int]:
+        """Per input topic of the processor group (suffix after the prefix): high watermarks minus
+        committed offsets, summed over partitions."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.kafka.bootstrap_servers,
+                             "group.id": f"{self.topics.prefix}-processor", "enable.auto.commit": False})
+        try:
+            lag: dict[str, int] = {}
+            for spec in (self.topics.raw_postbacks, self.topics.processor_dedupe, self.topics.processor_attribute,
+                         self.topics.clicks):
+                tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+                committed = consumer.committed(tps, timeout=10)
+                total = 0
+                for tp in committed:
+                    high = consumer.get_watermark_offsets(TopicPartition(spec.name, tp.partition), timeout=10)[1]
+                    total += high - max(tp.offset, 0)
+                lag[spec.name.removeprefix(self.topics.prefix + ".")] = total
+            return lag
+        finally:
+            consumer.close()
+
     def logs(self) -> str:
         return "\n".join(p.read_text()[-2000:] for p in sorted(self.tmp.glob("worker-*.log")))
 
