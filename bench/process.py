@@ -457,12 +457,14 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
                 f"receipt has one (at most until the --timeout) ...")
             read_backs, every_receipt = wait_for_every_receipt(kafka, topics, work, worker, deadline)
         elapsed_s = time.monotonic() - t0
+        outputs_at_done = counter.totals()["outcomes"] if kill_mode else total
         cpu_s = cpu_killed + tree_cpu_s(worker.proc.pid) - cpu_before
         hwm_kb = max(hwm_killed_kb, tree_hwm_kb(worker.proc.pid))
         host_after = host_cpu_ticks()
         sampler.stop()
-        log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start"
-            f"{f', {len(kills)} kill(s) and restart(s) included' if kill_mode else ''})")
+        if every_receipt:
+            log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start"
+                f"{f', {len(kills)} kill(s) and restart(s) included' if kill_mode else ''})")
         profile = None
         if profiler is not None:
             profile = finish_py_spy(profiler, scratch, args.profile_top, "first output -> N outcomes")
@@ -472,7 +474,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
             log(f"worker exited {exit_code}:\n{tail(worker.log_path)}")
         return WorkerRun(
             elapsed_s=elapsed_s, first_output_s=first_output_s, started_line_s=started_line_s, ready_s=ready_s,
-            outputs_at_done=counter.totals()["outcomes"], cpu_s=cpu_s,
+            outputs_at_done=outputs_at_done, cpu_s=cpu_s,
             cpu_s_from_first_output=cpu_s + cpu_before - cpu_at_first_output,
             cpu_pct=round(100 * cpu_s / elapsed_s, 1),
             host_cpu_busy_pct=host_busy_pct(host_before, host_after),
@@ -861,6 +863,10 @@ def comparison_row(label: str, r: dict[str, Any]) -> str:
             f"{r['rss_mb_peak']} |")
 
 
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value}s"
+
+
 def kill_lines(kill: dict[str, Any] | None) -> list[str]:
     """The summary's kill-mode block."""
     if kill is None:
@@ -869,16 +875,17 @@ def kill_lines(kill: dict[str, Any] | None) -> list[str]:
                 f"the worker's first (new) output; state {'deleted' if kill['wipe_state'] else 'kept'} before each "
                 f"restart; {kill['repeated_outputs']} repeated outputs in all {kill['repeated_outputs_by_kind']}",
             *(f"  kill {i}: at {k['at_s']}s with {k['outputs_at_kill']:,} outputs; first new output "
-              f"{k['first_new_output_after_kill_s']}s after the kill ({k['first_new_output_after_restart_s']}s after "
-              f"the restart, Ready after {k['ready_after_restart_s']}s); {k['repeated_outputs']} repeats"
+              f"{seconds(k['first_new_output_after_kill_s'])} after the kill "
+              f"({seconds(k['first_new_output_after_restart_s'])} after the restart, Ready after "
+              f"{seconds(k['ready_after_restart_s'])}); {k['repeated_outputs']} repeats"
               for i, k in enumerate(kill["per_kill"], 1)),
             (f"  outcome records reached N after {kill['outputs_reached_n_s']}s; "
              if kill["outputs_reached_n_s"] is not None else "  outcome records NEVER reached N; ")
             + (f"every receipt had one after {kill['every_receipt_had_an_outcome_s']}s"
                if kill["every_receipt_had_an_outcome_s"] is not None else "NOT every receipt had one at the --timeout")
             + f" ({kill['read_backs']} read-backs)",
-            *([] if kill["complete"] else [f"  FAILED: the outcomes were complete after {kill['kills_done']} of "
-                                           f"{kill['kills']} kills (use a smaller --kill-after or more --postbacks)"])]
+            *([] if kill["complete"] else [f"  FAILED: only {kill['kills_done']} of {kill['kills']} kills happened "
+                                           f"(use a smaller --kill-after or more --postbacks)"])]
 
 
 def summary(report: dict[str, Any]) -> str:
