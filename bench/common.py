@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TypeVar
 
+from deploy.procs import children
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "bench"
 
@@ -110,19 +112,6 @@ def _status_kb(pid: int, field: str) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (listed per creating thread in /proc)."""
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        with contextlib.suppress(OSError, ValueError):
-            kids.extend(int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-    return kids
 
 
 def descendants(pid: int) -> list[int]:

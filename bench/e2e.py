@@ -80,10 +80,10 @@ sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").reso
 from bench.e2e_load import create_clicks  # noqa: E402
 from bench.common import (  # noqa: E402
     ADVERTISER, BENCH_DIR, KEY_ID, OFFER, PARTNERS_TOML, SECRET, add_output_args, checked_number, child_env,
-    children, delete_topics_with_prefix, descendants, host_cpu_ticks, host_info, http_get, loadavg, log, mb,
+    delete_topics_with_prefix, descendants, host_cpu_ticks, host_info, http_get, loadavg, log, mb,
     positive_int, run_and_report, spawn, tree_cpu_s, tree_hwm_kb, tree_rss_kb,
 )
-from deploy.procs import free_port, tail  # noqa: E402
+from deploy.procs import alive_since, children, cmdline, free_port, start_time, tail  # noqa: E402
 from deploy.providers import ClickHouseService, clickhouse_service, kafka_service, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
 from postback.topics import Topics  # noqa: E402
@@ -96,29 +96,6 @@ RECEIPTS_TABLE = "bench_e2e_receipts"
 
 
 # -- processes ------------------------------------------------------------------------
-def start_time(pid: int) -> str | None:
-    """Start time of `pid` in clock ticks since boot: tells a process from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid: int, started: str | None) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return stat[0] != "Z" and (started is None or stat[19] == started)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def infra_pids() -> dict[str, int]:
     """The local Kafka broker and ClickHouse server, when the providers started them (our children)."""
     found: dict[str, int] = {}
@@ -188,10 +165,10 @@ class Pipeline:
         with self.lock:
             known = dict(self.known)
         deadline = time.monotonic() + 15
-        left = [p for p, s in known.items() if alive(p, s)]
+        left = [p for p, s in known.items() if alive_since(p, s)]
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
-            left = [p for p, s in known.items() if alive(p, s)]
+            left = [p for p, s in known.items() if alive_since(p, s)]
         leftovers = [f"{p} {cmdline(p)[:100]}" for p in left]
         for pid in left:
             with contextlib.suppress(ProcessLookupError):

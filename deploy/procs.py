@@ -6,6 +6,7 @@ what was being waited for, never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -115,6 +116,44 @@ def die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (listed per creating thread in /proc)."""
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        with contextlib.suppress(OSError, ValueError):
+            kids.extend(int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return kids
+
+
+def start_time(pid: int) -> str | None:
+    """Start time of `pid` in clock ticks since boot: tells a process from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def alive_since(pid: int, started: str | None) -> bool:
+    """`pid` is still the process we saw (same start time, unless `started` is None) and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return stat[0] != "Z" and (started is None or stat[19] == started)
+
+
+def cmdline(pid: int) -> str:
+    """The command line of `pid`, space-separated; "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from deploy.procs import die_with_parent, free_port
+from deploy.procs import alive_since, children, cmdline, die_with_parent, free_port, start_time
 from deploy.providers import ClickHouseService, KafkaService, unique_name
 from processors.signing import sign_query
 
@@ -136,44 +136,9 @@ def postback_params(order_id: str, event: str = "purchase", amount: str | None =
     return params
 
 
-def _proc_children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                out += [int(p) for p in (task / "children").read_text().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot): tells a pid from a reused one."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    """`pid` is still the process we saw (same start time) and not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return stat[0] != "Z" and (started is None or stat[19] == started)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def ingest_workers(ingest_pid: int) -> list[int]:
     """The ingest worker processes (multiprocessing spawn children) of an ingest parent."""
-    return [pid for pid in _proc_children(ingest_pid) if "spawn_main" in cmdline(pid)]
+    return [pid for pid in children(ingest_pid) if "spawn_main" in cmdline(pid)]
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -216,11 +181,11 @@ class Pipeline:
         while todo:
             pid = todo.pop()
             if pid not in self.known or self.known[pid] is None:
-                self.known[pid] = _start_time(pid)
-            todo += _proc_children(pid)
+                self.known[pid] = start_time(pid)
+            todo += children(pid)
         for pid in (self.info().get("children") or {}).values():
             if pid and pid not in self.known:
-                self.known[pid] = _start_time(pid)
+                self.known[pid] = start_time(pid)
         return self.known
 
     def children(self) -> dict[str, int]:
@@ -232,7 +197,7 @@ class Pipeline:
         def found() -> int | None:
             self.assert_running()
             pid = self.children().get(name)
-            return pid if pid and pid != not_pid and _alive(pid, None) else None
+            return pid if pid and pid != not_pid and alive_since(pid, None) else None
 
         return eventually(found, timeout, f"a live {name} child (not {not_pid}) in {self.run_file}; "
                                           f"{self.logs()}")
@@ -321,10 +286,10 @@ class Pipeline:
             self.proc.kill()
             self.proc.wait(timeout=30)
         deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
-        left = [pid for pid, started in self.known.items() if _alive(pid, started)]
+        left = [pid for pid, started in self.known.items() if alive_since(pid, started)]
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
-            left = [pid for pid, started in self.known.items() if _alive(pid, started)]
+            left = [pid for pid, started in self.known.items() if alive_since(pid, started)]
         if left:
             problems.append("processes left behind: " + "; ".join(f"{pid} {cmdline(pid)[:120]}" for pid in left))
             for pid in left:
