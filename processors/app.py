@@ -142,10 +142,9 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     dedupe_topic = raw_topic(topics.processor_dedupe.name, internal=True)
     attribute_topic = raw_topic(topics.processor_attribute.name, internal=True)
 
-    dedupe_table = batch_table(app, "dedupe", opts.partitions)
-    clicks_table = batch_table(app, "clicks", opts.partitions)
-    pending_table = batch_table(app, "pending", opts.partitions)
-    tables = {table.changelog_topic.get_topic_name(): table for table in (dedupe_table, clicks_table, pending_table)}
+    by_name = {name: batch_table(app, name, opts.partitions) for name in TABLES}
+    dedupe_table, clicks_table, pending_table = by_name["dedupe"], by_name["clicks"], by_name["pending"]
+    tables = {table.changelog_topic.get_topic_name(): table for table in by_name.values()}  # by changelog topic
     wait_ms = int(opts.late_click_wait_s * 1000)
     metrics = ProcessorMetrics()
     publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives

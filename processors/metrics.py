@@ -8,6 +8,7 @@ table changelog records, and whether publishing to Kafka is failing (retries).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -42,8 +43,8 @@ class ProcessorMetrics:
     def batch(self, agent: str, events: int, output_kinds: Iterable[str], changelog_records: int) -> None:
         self.events.labels(agent).inc(events)
         self.batch_events.labels(agent).observe(events)
-        for kind in output_kinds:
-            self.outputs.labels(kind).inc()
+        for kind, count in collections.Counter(output_kinds).items():  # one labelled update per kind, not per output
+            self.outputs.labels(kind).inc(count)
         self.changelog_records.inc(changelog_records)
 
     def render(self) -> bytes:
