@@ -85,6 +85,11 @@ class IngestOptions:
     clickhouse_database: str = "postback"
 
 
+#: Clicks are kept this many days past the longest attribution window, so that a conversion
+#: shortly after its window is still `expired`, not `no_click`.
+CLICK_HORIZON_MARGIN_DAYS = 30
+
+
 @dataclass(frozen=True)
 class ProcessOptions:
     """One faust worker of the processors; `postback process` flags map onto these."""
@@ -105,8 +110,19 @@ class ProcessOptions:
     batch_wait_s: float = 0.01
     #: A batch's outputs are retried until acknowledged; each attempt waits at most this long.
     delivery_timeout_s: float = 30.0
-    #: How often expired dedupe entries are removed (state stays bounded by the horizon).
-    dedupe_cleanup_interval_s: float = 600.0
+    #: A pass over each partition of the dedupe and clicks tables, deleting expired entries,
+    #: starts at most this often; it visits `cleanup_chunk` entries per 1 s tick (processors.sweep).
+    cleanup_interval_s: float = 600.0
+    cleanup_chunk: int = 2000
+    #: Clicks are forgotten this long after the click; None: the longest attribution window
+    #: of any configured offer plus CLICK_HORIZON_MARGIN_DAYS.
+    click_horizon_days: float | None = None
+
+    def click_horizon_ms(self, longest_window_days: int) -> int:
+        days = self.click_horizon_days
+        if days is None:
+            days = longest_window_days + CLICK_HORIZON_MARGIN_DAYS
+        return int(days * 86_400_000)
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,14 @@ class PartnerConfig:
         """Whether ``[ingest] bulk_token`` is set."""
         return self.ingest_bulk_token is not None
 
+    def longest_attribution_window_days(self) -> int:
+        """The longest attribution window of any offer and event (the default when there are no offers)."""
+        windows = [DEFAULT_ATTRIBUTION_WINDOW_DAYS]
+        for offer in self.offers.values():
+            windows.append(offer.attribution_window_days)
+            windows.extend(offer.attribution_windows.values())
+        return max(windows)
+
     def advertiser(self, advertiser_id: str) -> Advertiser | None:
         """The advertiser with this id, or None."""
         return self.advertisers.get(advertiser_id)

@@ -42,13 +42,14 @@ from faust.streams import _current_event
 
 from postback.config import ProcessOptions, Settings
 from postback.kafka import AsyncProducer, producer_config
-from postback.partners import PartnerConfig
+from postback.partners import DEFAULT_DEDUPE_HORIZON_DAYS, PartnerConfig
 from postback.topics import Topics, TopicSpec
 from processors import stages
 from processors.faust_app import PostbackApp
 from processors.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processors.metrics import ProcessorMetrics
 from processors.publish import Publisher, decode_envelope
+from processors.sweep import Sweep
 from processors.tables import batch_table
 from schemas.codec import Codec, CodecError
 
@@ -110,6 +111,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
                data_dir: Path, worker_index: int = 0) -> faust.App:
     """Build the processor app; every worker of one deployment uses the same app id (consumer group)."""
     topics = Topics(settings.topic_prefix)
+    metrics = ProcessorMetrics()
     app = PostbackApp(
         app_id(settings),
         broker=broker_url(bootstrap),
@@ -129,6 +131,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         table_cleanup_interval=3600.0,
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
+        on_stream_hole=lambda outcome: metrics.stream_holes.labels(outcome).inc(),
     )
     raw_codec = Codec.for_record("RawPostback")
     click_codec = Codec.for_record("Click")
@@ -146,7 +149,10 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     dedupe_table, clicks_table, pending_table = by_name["dedupe"], by_name["clicks"], by_name["pending"]
     tables = {table.changelog_topic.get_topic_name(): table for table in by_name.values()}  # by changelog topic
     wait_ms = int(opts.late_click_wait_s * 1000)
-    metrics = ProcessorMetrics()
+    cleanup_ms = int(opts.cleanup_interval_s * 1000)
+    dedupe_sweep = Sweep(dedupe_table.partition_items, opts.cleanup_chunk, cleanup_ms)
+    clicks_sweep = Sweep(clicks_table.partition_items, opts.cleanup_chunk, cleanup_ms)
+    click_horizon_ms = opts.click_horizon_ms(partners.longest_attribution_window_days())
     publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives
 
     def publisher() -> Publisher:
@@ -195,11 +201,23 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         nothing: instead the worker exits, loudly, and its supervisor restarts it; the
         unacked batch is processed again.
         """
+        last: dict[Any, int] = {}  # partition -> offset of its last event here, since the last rebalance
+        seeks = app.consumer.seeks
         try:
             async for events in _batches(stream, opts):
                 outputs: list[stages.Output] = []
                 now = _now_ms()
+                if app.consumer.seeks != seeks:  # a rebalance: partitions may have moved on elsewhere
+                    last.clear()
+                    seeks = app.consumer.seeks
                 for event in events:
+                    message = event.message
+                    before = last.get(message.tp)
+                    if before is not None and message.offset > before + 1:
+                        metrics.stream_holes.labels("agent").inc()
+                        log.warning("agent %s: %s jumped from offset %d to %d", agent, message.tp, before,
+                                    message.offset)
+                    last[message.tp] = message.offset
                     outputs.extend(handle(event, _enter(event), now))
                 await publish(agent, len(events), outputs)
         except asyncio.CancelledError:
@@ -225,15 +243,23 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     def dedupe_one(event: Any, partition: int, now: int) -> Iterable[stages.Output]:
         if event.key == TICK:
-            removed = stages.expire_dedupe(dedupe_table, partition, now, horizon_ms=90 * 86_400_000)
+            removed = stages.expire_dedupe(dedupe_sweep.next_chunk(partition, now), dedupe_table, now,
+                                           default_horizon_ms=DEFAULT_DEDUPE_HORIZON_DAYS * 86_400_000)
             if removed:
+                metrics.expired.labels("dedupe").inc(removed)
                 log.info("expired %d dedupe entries on partition %d", removed, partition)
             return []
         return [stages.dedupe(msg, dedupe_table, partition, now) for msg in decode_envelope(event.value)]
 
     def attribute_one(event: Any, partition: int, now: int) -> Iterable[stages.Output]:
         if event.key == TICK:
-            return stages.expire_pending(pending_table, partition, partners, now, _event_id(event))
+            removed = stages.expire_clicks(clicks_sweep.next_chunk(partition, now), clicks_table, now,
+                                           click_horizon_ms)
+            if removed:
+                metrics.expired.labels("clicks").inc(removed)
+                log.info("forgot %d clicks older than the click horizon on partition %d", removed, partition)
+            return stages.expire_pending(pending_table.partition_items(partition)[0], pending_table, partners, now,
+                                         _event_id(event))
         return [out for conversion in decode_envelope(event.value)
                 for out in stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
                                                        now, wait_ms)]
@@ -264,11 +290,10 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
             await topic.send(key=TICK, value=b"", partition=partition)
 
     @app.timer(interval=1.0, on_leader=True)
-    async def late_click_ticks() -> None:
+    async def ticks() -> None:
+        """Late clicks and expiry run on ticks in the partitions' own streams, so that their
+        table writes are ordered with, and replayed like, the records around them."""
         await tick(attribute_topic)
-
-    @app.timer(interval=opts.dedupe_cleanup_interval_s, on_leader=True)
-    async def dedupe_cleanup_ticks() -> None:
         await tick(dedupe_topic)
 
     return app

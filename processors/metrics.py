@@ -39,6 +39,13 @@ class ProcessorMetrics:
                                         "Batch publishes that failed and were retried", registry=self.registry)
         self.skipped = Counter("postback_processor_undecodable_records", "Records skipped as undecodable, by topic",
                                ["topic"], registry=self.registry)
+        self.expired = Counter("postback_processor_expired_entries",
+                               "Table entries deleted as expired, by table (dedupe: past the advertiser's horizon; "
+                               "clicks: past the click horizon)", ["table"], registry=self.registry)
+        self.stream_holes = Counter("postback_processor_stream_holes",
+                                    "Records missing from a fetched stream partition: read again (reseeked) or, "
+                                    "when the log no longer has them, committed over (accepted)", ["outcome"],
+                                    registry=self.registry)
 
     def batch(self, agent: str, events: int, output_kinds: Iterable[str], changelog_records: int) -> None:
         self.events.labels(agent).inc(events)

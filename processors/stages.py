@@ -15,7 +15,7 @@ Every receipt ends in exactly one of conversions, rejections or duplicates. Outp
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -213,16 +213,16 @@ def click_arrived(click: dict[str, Any], clicks: MutableMapping[str, Any], pendi
     return outputs
 
 
-def expire_pending(pending: MutableMapping[str, Any], partition: int, partners: PartnerConfig,
-                   now_ms: int, event_id: str = "", limit: int = 10_000) -> list[Output]:
+def expire_pending(entries: Iterable[tuple[str, Any]], pending: MutableMapping[str, Any], partners: PartnerConfig,
+                   now_ms: int, event_id: str = "") -> list[Output]:
     """Conversions whose click did not arrive in time are emitted unattributed (`no_click`).
 
-    Runs on a tick of `partition`; also forgets items emitted more than EMITTED_GRACE_MS ago.
+    `entries` are the pending items of the ticked partition (all of them: a replayed tick
+    must see the items it emitted, see `_release`); also forgets items emitted more than
+    EMITTED_GRACE_MS ago.
     """
     outputs: list[Output] = []
-    for click_id, waiting in list(pending.items()):
-        if waiting.get("p") != partition:
-            continue
+    for click_id, waiting in entries:
         released, updated = _release(waiting, lambda item: item["deadline"] <= now_ms, None, partners, now_ms,
                                      event_id)
         outputs.extend(released)
@@ -233,21 +233,37 @@ def expire_pending(pending: MutableMapping[str, Any], partition: int, partners: 
             del pending[click_id]
         elif updated is not None or len(keep) != len(current["items"]):
             pending[click_id] = dict(current, items=keep)
-        if len(outputs) >= limit:
-            break
     return outputs
 
 
-def expire_dedupe(table: MutableMapping[str, Any], partition: int, now_ms: int, horizon_ms: int,
-                  limit: int = 100_000) -> int:
-    """Drop entries older than their horizon on this partition, so state stays bounded; returns how many."""
+def expire_dedupe(entries: Iterable[tuple[str, Any]], table: MutableMapping[str, Any], now_ms: int,
+                  default_horizon_ms: int) -> int:
+    """Delete the dedupe `entries` older than their advertiser's horizon (state stays bounded); returns how many.
+
+    A receipt of an order whose entry expired is a new conversion again (issue 4's horizon).
+    """
     removed = 0
-    for key, entry in list(table.items()):
-        if entry.get("p") == partition and now_ms - int(entry["t"]) > int(entry.get("h", horizon_ms)):
+    for key, entry in entries:
+        if now_ms - int(entry["t"]) > int(entry.get("h", default_horizon_ms)):
             del table[key]
             removed += 1
-            if removed >= limit:
-                break
+    return removed
+
+
+def expire_clicks(entries: Iterable[tuple[str, Any]], clicks: MutableMapping[str, Any], now_ms: int,
+                  horizon_ms: int) -> int:
+    """Delete the clicks older than `horizon_ms` (longer than any attribution window); returns how many.
+
+    A conversion for a forgotten click is emitted unattributed (`no_click`) after the late-click
+    wait instead of `expired`: the horizon keeps clicks well past the longest window so that
+    this only happens to conversions that come very late.
+    """
+    removed = 0
+    for click_id, click in entries:
+        clicked_at = click.get("clicked_at_ms")
+        if clicked_at is not None and now_ms - int(clicked_at) > horizon_ms:
+            del clicks[click_id]
+            removed += 1
     return removed
 
 

@@ -58,6 +58,28 @@ class BatchTable(faust.Table):
         records, self._unsent = self._unsent, []
         return records
 
+    def partition_items(self, partition: int, after: bytes | None = None,
+                        limit: int | None = None) -> tuple[list[tuple[Any, Any]], bytes | None]:
+        """One partition's entries, decoded, in RocksDB key order: those after the stored key
+        `after` (from the start when None), at most `limit`. Also returns the stored key to
+        pass as `after` for the next chunk, or None when this chunk reached the end.
+
+        Why not `items()`: faust's iterates every partition's store of the worker, and an
+        expiry tick runs per partition; a large table would block the event loop.
+        """
+        store = self.data
+        if not getattr(store, "use_rocksdict", False) or not hasattr(store, "_db_for_partition"):
+            raise RuntimeError(f"table {self.name}: partition_items needs faust's rocksdict store")
+        db = store._db_for_partition(partition)
+        out: list[tuple[Any, Any]] = []
+        for key, value in (db.items() if after is None else db.items(from_key=after)):
+            if key == store.offset_key or key == after:
+                continue
+            out.append((store._decode_key(key), store._decode_value(value)))
+            if limit is not None and len(out) >= limit:
+                return out, key
+        return out, None
+
     def changelog_acked(self, partition: int, offset: int) -> None:
         """Kafka acknowledged this table's changelog up to `offset` on `partition`."""
         self.data.set_persisted_offset(TP(self.changelog_topic.get_topic_name(), partition), offset)

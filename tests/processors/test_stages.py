@@ -195,10 +195,9 @@ def test_refund_is_signed_negative() -> None:
 def test_dedupe_entries_expire_after_horizon() -> None:
     table: dict = {}
     _through_dedupe(signed(BASE, receipt="H1"), table, partition=3)
-    assert stages.expire_dedupe(table, 2, NOW + 91 * 86_400_000, 90 * 86_400_000) == 0  # other partition
     assert list(table) == ["d:demo|purchase|O1"]  # one entry per receipt's key: the replay key lives in it
-    assert stages.expire_dedupe(table, 3, NOW + 89 * 86_400_000, 90 * 86_400_000) == 0  # order still fresh
-    assert stages.expire_dedupe(table, 3, NOW + 91 * 86_400_000, 90 * 86_400_000) == 1
+    assert stages.expire_dedupe(list(table.items()), table, NOW + 89 * 86_400_000, 1) == 0  # the entry's own horizon
+    assert stages.expire_dedupe(list(table.items()), table, NOW + 91 * 86_400_000, 1) == 1
     assert table == {}
 
 
@@ -236,9 +235,10 @@ def test_late_click_attributes_waiting_conversion() -> None:
     [out] = stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 1000, "clicks:4:17")
     assert out.record["attribution"] == "attributed"
     # Kept (marked emitted) until a later tick after the grace period, so a replay can re-emit.
-    assert stages.expire_pending(pending, 4, PARTNERS, NOW + 2000, "tick:4:1") == []
+    assert stages.expire_pending(list(pending.items()), pending, PARTNERS, NOW + 2000, "tick:4:1") == []
     assert "C1" in pending
-    assert stages.expire_pending(pending, 4, PARTNERS, NOW + 1000 + stages.EMITTED_GRACE_MS + 1, "tick:4:2") == []
+    assert stages.expire_pending(list(pending.items()), pending, PARTNERS, NOW + 1000 + stages.EMITTED_GRACE_MS + 1,
+                                 "tick:4:2") == []
     assert pending == {}
 
 
@@ -259,15 +259,27 @@ def test_replaying_the_emitting_event_emits_the_same_outputs_again() -> None:
 def test_conversion_without_its_click_is_emitted_unattributed_after_the_wait() -> None:
     pending: dict = {}
     stages.attribute_conversion(_conversion(click_id="GONE"), {}, pending, 1, PARTNERS, NOW, wait_ms=60_000)
-    assert stages.expire_pending(pending, 1, PARTNERS, NOW + 30_000, "t:1:1") == []  # still waiting
-    assert stages.expire_pending(pending, 0, PARTNERS, NOW + 61_000, "t:0:1") == []  # another partition's tick
-    [out] = stages.expire_pending(pending, 1, PARTNERS, NOW + 61_000, "t:1:2")
+
+    def tick(now: int, event_id: str) -> list:
+        return stages.expire_pending(list(pending.items()), pending, PARTNERS, now, event_id)
+
+    assert tick(NOW + 30_000, "t:1:1") == []  # still waiting
+    [out] = tick(NOW + 61_000, "t:1:2")
     assert (out.record["attributed"], out.record["attribution"]) == (False, "no_click")
-    [replayed] = stages.expire_pending(pending, 1, PARTNERS, NOW + 62_000, "t:1:2")  # the same tick, replayed
+    [replayed] = tick(NOW + 62_000, "t:1:2")  # the same tick, replayed
     assert replayed.record == out.record
-    assert stages.expire_pending(pending, 1, PARTNERS, NOW + 62_000, "t:1:3") == []  # a later tick: nothing new
-    stages.expire_pending(pending, 1, PARTNERS, NOW + 61_000 + stages.EMITTED_GRACE_MS + 1, "t:1:4")
+    assert tick(NOW + 62_000, "t:1:3") == []  # a later tick: nothing new
+    tick(NOW + 61_000 + stages.EMITTED_GRACE_MS + 1, "t:1:4")
     assert pending == {}
+
+
+def test_clicks_are_forgotten_after_the_click_horizon() -> None:
+    clicks: dict = {}
+    stages.click_arrived(CLICK, clicks, {}, PARTNERS, NOW)
+    horizon = 40 * 86_400_000
+    assert stages.expire_clicks(list(clicks.items()), clicks, CLICK["clicked_at_ms"] + horizon, horizon) == 0
+    assert stages.expire_clicks(list(clicks.items()), clicks, CLICK["clicked_at_ms"] + horizon + 1, horizon) == 1
+    assert clicks == {}
 
 
 def test_internal_encoding_keeps_decimals_exact() -> None:
