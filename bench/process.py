@@ -35,7 +35,10 @@ How:
 4. Correctness: every output record is read back. Each receipt must have exactly one
    distinct outcome (identical repeats would be allowed by at-least-once, and are
    counted); one conversion per valid/late_click order; the duplicates are exactly the
-   `duplicate` receipts; the rejections exactly the `bad_signature` ones.
+   `duplicate` receipts; the rejections exactly the `bad_signature` ones. And, before
+   the SIGTERM, the worker's consumer group must have committed to the end of its inputs
+   (a few ticks aside) within 20 s: a commit stalled behind a record that was never
+   processed fails the run (`details.uncommitted_when_done`).
 5. Baseline, in the same run after the worker stopped: `bench/bare_forwarder.py` reads the
    same raw-postbacks topic in a fresh group and writes every record unchanged to a
    scratch topic; timed from `Popen` to its last record acknowledged. It takes well
@@ -279,6 +282,13 @@ class TopicCounter:
     def totals(self) -> dict[str, int]:
         return {group: sum(self.ends(group).values()) for group in self._parts}
 
+    def uncommitted(self, consumer_group: str, group: str) -> int:
+        """High watermarks minus `consumer_group`'s committed offsets over one group's partitions:
+        what a restart would read again."""
+        committed = self._consumer.committed(self._parts[group], timeout=10)
+        ends = self.ends(group)
+        return sum(ends[(tp.topic, tp.partition)] - max(tp.offset, 0) for tp in committed)
+
     def close(self) -> None:
         self._consumer.close()
 
@@ -332,6 +342,8 @@ class WorkerRun:
     outputs_reached_n_s: float | None = None
     read_backs: int = 0
     every_receipt: bool = True
+    #: records the processor group had not committed when the run was done, per topic group (see wait_for_commits)
+    uncommitted: dict[str, int] = field(default_factory=dict)
 
 
 def kill_tree(child: Child) -> int:
@@ -376,7 +388,8 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
     kill_mode = args.kill_after is not None
     counter = TopicCounter(kafka.bootstrap_servers, {
         "outcomes": [topics.conversions.name, topics.rejections.name, topics.duplicates.name],
-        "to_dedupe": [topics.processor_dedupe.name], "to_attribute": [topics.processor_attribute.name]})
+        "to_dedupe": [topics.processor_dedupe.name], "to_attribute": [topics.processor_attribute.name],
+        "inputs": [topics.raw_postbacks.name, topics.clicks.name]})
     data_dir = scratch / "worker-state"
     argv = [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(data_dir),
             "--web-port", str(free_port()), "--late-click-wait", str(args.late_click_wait),
@@ -468,6 +481,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
         profile = None
         if profiler is not None:
             profile = finish_py_spy(profiler, scratch, args.profile_top, "first output -> N outcomes")
+        uncommitted = wait_for_commits(counter, f"{topics.prefix}-processor", worker)
         log("stopping the worker (SIGTERM) ...")
         exit_code = worker.stop()
         if exit_code != 0:
@@ -480,7 +494,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
             host_cpu_busy_pct=host_busy_pct(host_before, host_after),
             rss_kb_peak=max(hwm_kb, sampler.peak_kb["worker"]), exit_code=exit_code, profile=profile,
             progress=progress, kills=kills, outputs_reached_n_s=outputs_reached_n_s,
-            read_backs=read_backs, every_receipt=every_receipt)
+            read_backs=read_backs, every_receipt=every_receipt, uncommitted=uncommitted)
     finally:
         if profiler is not None:
             profiler.stop(signal.SIGINT, timeout=10)
@@ -488,6 +502,30 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
             sampler.stop()
         worker.stop()
         counter.close()
+
+
+#: The leader's timer sends a tick to each partition of both internal topics every second (6 + 6), and
+#: a commit follows within a second: a few ticks may be uncommitted at any moment.
+TICKS_IN_FLIGHT = 24
+
+
+def wait_for_commits(counter: TopicCounter, consumer_group: str, worker: Child,
+                     timeout: float = 20.0) -> dict[str, int]:
+    """Once every receipt has an outcome, the processor group's offsets must reach the end of its
+    inputs (a few ticks aside) within a few commit intervals. A commit stalled behind a record
+    that was never processed would not, and a restart would process everything after it again.
+    Returns the uncommitted records per topic group when they did, or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.check_alive()
+        left = {group: counter.uncommitted(consumer_group, group) for group in ("inputs", "to_dedupe", "to_attribute")}
+        if left["inputs"] == 0 and left["to_dedupe"] + left["to_attribute"] <= TICKS_IN_FLIGHT:
+            log(f"the processor group committed to the end of its inputs ({left})")
+            return left
+        if time.monotonic() > deadline:
+            log(f"the processor group's commits did NOT reach the end after {timeout:.0f}s: uncommitted {left}")
+            return left
+        time.sleep(0.5)
 
 
 def wait_for_every_receipt(kafka: KafkaService, topics: Topics, work: Workload, worker: Child,
@@ -814,6 +852,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "outputs_when_timed": w.outputs_at_done,
         "progress_columns": ["s_since_start", "outcomes", "internal_dedupe_records", "internal_attribute_records"],
         "progress": thin(w.progress, 1.0),
+        "uncommitted_when_done": w.uncommitted,
         "goal_events_per_s": 10_000,
     })
     if w.profile is not None:
@@ -822,7 +861,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
             "ratio": rate_ratio(worker["events_per_s"], base.get("events_per_s")), "faust_floor": faust_floor,
             "ratio_to_faust_floor": rate_ratio(worker["events_per_s"], floor.get("events_per_s")),
-            "correct": details["correct"], "kill": kill, "details": details, "host": host}
+            "correct": details["correct"] and committed_to_the_end(w.uncommitted), "kill": kill,
+            "details": details, "host": host}
+
+
+def committed_to_the_end(uncommitted: dict[str, int]) -> bool:
+    return uncommitted.get("inputs") == 0 and \
+        uncommitted.get("to_dedupe", 0) + uncommitted.get("to_attribute", 0) <= TICKS_IN_FLIGHT
 
 
 def kill_report(args: argparse.Namespace, w: WorkerRun, found: dict[str, list[Output]]) -> dict[str, Any]:
@@ -909,6 +954,8 @@ def summary(report: dict[str, Any]) -> str:
         f"worker first output after {w['first_output_s']}s, Ready after {w['ready_s']}s; exit code {w['exit_code']}",
         f"outcomes {d['outcomes']} expected {d['expected']} -> {'OK' if report['correct'] else 'FAILED'}; "
         f"{d['repeated_identical_records']} identical repeats; attribution {d['attribution']}",
+        f"uncommitted by the processor group when done: {d['uncommitted_when_done']} "
+        f"({'at the end' if committed_to_the_end(d['uncommitted_when_done']) else 'NOT at the end: FAILED'})",
     ]
     lines += kill_lines(report["kill"])
     lines += profile_lines(d)

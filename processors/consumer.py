@@ -27,8 +27,10 @@
      seeked back to the expected offset and read again (the app's `on_stream_hole`
      hears "reseeked");
    - except when the missing records are gone from the log (retention deleted them,
-     the log start is past them): then the hole is logged as an error, reported
-     ("accepted") and committed over, as nothing can bring them back;
+     the log start is past them), or when re-reading gives the same hole MAX_RESEEKS
+     times (offsets without records: transaction markers of an upstream transactional
+     producer, compaction): then the hole is logged, reported ("accepted") and
+     committed over, as there is nothing to deliver;
    - a commit never goes past an offset that was neither acknowledged nor an accepted
      hole.
 
@@ -47,6 +49,9 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 log = logging.getLogger("processors.consumer")
+
+#: A hole that comes back this many times right after re-reading it is accepted as empty offsets.
+MAX_RESEEKS = 3
 
 _INTERNALS = ("getmany", "perform_seek", "seek", "_new_offset", "_add_gap", "_gap", "_acked",
               "_committed_offset", "earliest_offsets")
@@ -69,6 +74,8 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
         _check_internals(self)
         #: stream partition -> the offset the next delivered record must have
         self._expected: dict[TP, int] = {}
+        #: partition -> (the hole last re-read, how many times in a row it came back)
+        self._reseeks: dict[TP, tuple[tuple[int, int], int]] = {}
         #: rebalances completed (seeks to the committed offsets); lets agents reset what they track per partition
         self.seeks = 0
 
@@ -88,6 +95,7 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
             earliest = await self.earliest_offsets(*fresh)
             expected.update({tp: offset for tp, offset in earliest.items() if offset is not None})
         self._expected = expected
+        self._reseeks.clear()
         self.seeks += 1
         log.info("stream partitions seeked to their committed offsets: %s",
                  ", ".join(f"{tp.topic}:{tp.partition}@{offset}" for tp, offset in sorted(self._expected.items())))
@@ -117,17 +125,29 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
         when the log no longer has them, commit over them (True: deliver `offset`)."""
         earliest = (await self.earliest_offsets(tp)).get(tp)
         if earliest is not None and earliest > expected:
-            self.app.on_stream_hole("accepted")
             log.error("%s: offsets %d..%d are gone from the log (log start %d): committing over them",
                       tp, expected, earliest - 1, earliest)
-            self._gap[tp].addi(expected, offset)
-            self._gap[tp].merge_overlaps()
-            return True
+            return self._accept(tp, expected, offset)
+        hole = (expected, offset)
+        seen = self._reseeks[tp][1] + 1 if self._reseeks.get(tp, ((), 0))[0] == hole else 1
+        if seen > MAX_RESEEKS:
+            log.warning("%s: reading from %d gave %d %d times: offsets %d..%d hold no records (transaction "
+                        "markers or compaction); committing over them", tp, expected, offset, MAX_RESEEKS,
+                        expected, offset - 1)
+            return self._accept(tp, expected, offset)
+        self._reseeks[tp] = (hole, seen)
         self.app.on_stream_hole("reseeked")
         log.warning("%s: the next record was %d, not %d: seeking back to %d to read the records between",
                     tp, offset, expected, expected)
         await self.seek(tp, expected)
         return False
+
+    def _accept(self, tp: TP, expected: int, offset: int) -> bool:
+        self.app.on_stream_hole("accepted")
+        self._reseeks.pop(tp, None)
+        self._gap[tp].addi(expected, offset)
+        self._gap[tp].merge_overlaps()
+        return True
 
     def _new_offset(self, tp: TP) -> int | None:
         committed = self._committed_offset[tp]
@@ -145,8 +165,8 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
         so any other gap would mean records were lost."""
         if self._gap[tp].overlaps_point(offset_from):
             return
-        log.error("%s: faust saw a gap %d..%d; not counting it as acknowledged (commits wait)",
-                  tp, offset_from, offset_to)
+        log.warning("%s: faust saw a gap %d..%d (records fetched before a seek?); not counting it as "
+                    "acknowledged: commits wait until those offsets are processed", tp, offset_from, offset_to)
 
 
 def _check_internals(consumer: Any) -> None:

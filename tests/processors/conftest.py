@@ -45,14 +45,16 @@ class Pipeline:
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     web_ports: list[int] = field(default_factory=list)
 
-    def start_worker(self, data_dir: Path, late_click_wait: float = 3.0) -> subprocess.Popen[str]:
+    def start_worker(self, data_dir: Path, late_click_wait: float = 3.0,
+                     extra_args: list[str] | None = None) -> subprocess.Popen[str]:
         env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.kafka.bootstrap_servers,
                    POSTBACK_TOPIC_PREFIX=self.topics.prefix, POSTBACK_CONFIG=str(self.partners))
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "w")
         self.web_ports.append(free_port())
         proc = subprocess.Popen(
             [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(data_dir), "--web-port",
-             str(self.web_ports[-1]), "--late-click-wait", str(late_click_wait), "--session-timeout", "6"],
+             str(self.web_ports[-1]), "--late-click-wait", str(late_click_wait), "--session-timeout", "6",
+             *(extra_args or [])],
             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         log.close()
         self.procs.append(proc)

@@ -18,7 +18,7 @@ from faust.types import TP
 from postback.config import ProcessOptions, Settings
 from postback.partners import PartnerConfig
 from processors.app import create_app
-from processors.consumer import ContiguousConsumer
+from processors.consumer import MAX_RESEEKS, ContiguousConsumer
 
 TOPIC = "t.raw-postbacks"
 P0 = TP(TOPIC, 0)
@@ -136,3 +136,17 @@ def test_a_partition_never_committed_starts_at_the_log_start(tmp_path: Path) -> 
 
     delivered, broker = asyncio.run(run())
     assert delivered == [[], [0, 1]] and broker.seeks == [(P0, 0)]
+
+
+def test_a_hole_that_comes_back_after_every_reread_is_committed_over(tmp_path: Path) -> None:
+    """Offsets without records (an upstream transactional producer's markers) must not loop forever."""
+    async def run() -> tuple[list[list[int]], Broker]:
+        consumer = _consumer(tmp_path)
+        broker = Broker(consumer)
+        _seeked_to(consumer, 40)
+        broker.fetches = [[42, 43]] * (MAX_RESEEKS + 1)
+        return [await _delivered(consumer) for _ in range(MAX_RESEEKS + 1)], broker
+
+    delivered, broker = asyncio.run(run())
+    assert delivered == [[]] * MAX_RESEEKS + [[42, 43]]
+    assert broker.seeks == [(P0, 40)] * MAX_RESEEKS and broker.holes == ["reseeked"] * MAX_RESEEKS + ["accepted"]

@@ -114,6 +114,41 @@ def test_sigkill_mid_stream_then_restart(pipeline: Pipeline, tmp_path, state: st
     pipeline.start_worker(data, late_click_wait=2.0)
     out = pipeline.wait_for(receipts, timeout=240)
     _assert_exactly_once(out, receipts, order_of, orders)
+    _assert_offsets_reach_the_end(pipeline)
+    with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.web_ports[-1]}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'postback_processor_stream_holes_total{outcome="agent"}' not in metrics  # no record lost inside faust
+    assert 'postback_processor_stream_holes_total{outcome="accepted"}' not in metrics  # nothing committed over
+
+
+def test_clicks_past_the_click_horizon_are_forgotten(pipeline: Pipeline, tmp_path) -> None:
+    """The clicks table is bounded: a click older than the horizon is deleted by the sweep (and
+    from the changelog), so its conversion ends unattributed (`no_click`) after the late-click
+    wait; a click within the horizon still attributes its conversion."""
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    pipeline.send_click(click("OLD", now - 3 * day))  # within offer-1's 7-day window, past a 2-day horizon
+    pipeline.send_click(click("NEW", now - 60_000))
+    pipeline.flush()
+    pipeline.start_worker(tmp_path / "state", late_click_wait=2.0,
+                          extra_args=["--click-horizon-days", "2", "--cleanup-interval", "1"])
+    deadline = time.monotonic() + 90
+    metrics = ""
+    while 'postback_processor_expired_entries_total{table="clicks"} 1.0' not in metrics:
+        assert time.monotonic() < deadline, (metrics, pipeline.logs())
+        time.sleep(0.5)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.web_ports[0]}/metrics", timeout=5) as resp:
+                metrics = resp.read().decode()
+        except OSError:  # the worker's web server is not up yet
+            continue
+    for receipt, click_id in (("R-old", "OLD"), ("R-new", "NEW")):
+        params = [("advertiser_id", "demo"), ("event", "lead"), ("click_id", click_id)]
+        pipeline.send_raw(raw_postback(params, receipt, now), key=click_id)
+    pipeline.flush()
+    out = pipeline.wait_for({"R-old", "R-new"})
+    assert out["R-new"][0][1]["attribution"] == "attributed"
+    assert out["R-old"][0][1]["attribution"] == "no_click"
 
 
 def test_trickled_input_is_all_processed_and_committed(pipeline: Pipeline, tmp_path) -> None:
@@ -147,12 +182,20 @@ def test_trickled_input_is_all_processed_and_committed(pipeline: Pipeline, tmp_p
     _assert_exactly_once(out, receipts, order_of, orders)
     assert all(records[0][1].get("attributed", True) for records in out.values())
 
+    _assert_offsets_reach_the_end(pipeline)
+
+
+def _assert_offsets_reach_the_end(pipeline: Pipeline) -> None:
+    """Nothing is left uncommitted: no commit stalls behind a record that was never processed."""
+    def caught_up(lag: dict[str, int]) -> bool:
+        # Ticks (one per partition of each internal topic per second) keep their lag at a few records.
+        return lag["raw-postbacks"] == 0 and lag["processor-dedupe"] <= 12 and lag["processor-attribute"] <= 12
+
     lag: dict[str, int] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         lag = pipeline.group_lag()
-        # Ticks (one per partition per second) keep the attribute topic's lag at a few records.
-        if lag["raw-postbacks"] == 0 and lag["processor-dedupe"] == 0 and lag["processor-attribute"] <= 12:
+        if caught_up(lag):
             break
         time.sleep(1.0)
-    assert lag["raw-postbacks"] == 0 and lag["processor-dedupe"] == 0 and lag["processor-attribute"] <= 12, lag
+    assert caught_up(lag), lag
