@@ -267,6 +267,8 @@ class TopicCounter:
         from confluent_kafka import Consumer, TopicPartition
 
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("bench-count")})
+        self._bootstrap = bootstrap
+        self._group_consumers: dict[str, Any] = {}
         self._parts: dict[str, list[Any]] = {}
         for group, topics in groups.items():
             self._parts[group] = []
@@ -285,12 +287,18 @@ class TopicCounter:
     def uncommitted(self, consumer_group: str, group: str) -> int:
         """High watermarks minus `consumer_group`'s committed offsets over one group's partitions:
         what a restart would read again."""
-        committed = self._consumer.committed(self._parts[group], timeout=10)
+        from confluent_kafka import Consumer
+
+        if consumer_group not in self._group_consumers:  # committed() answers for its own consumer's group
+            self._group_consumers[consumer_group] = Consumer({
+                "bootstrap.servers": self._bootstrap, "group.id": consumer_group, "enable.auto.commit": False})
+        committed = self._group_consumers[consumer_group].committed(self._parts[group], timeout=10)
         ends = self.ends(group)
         return sum(ends[(tp.topic, tp.partition)] - max(tp.offset, 0) for tp in committed)
 
     def close(self) -> None:
-        self._consumer.close()
+        for consumer in (self._consumer, *self._group_consumers.values()):
+            consumer.close()
 
 
 @dataclass

@@ -48,6 +48,7 @@ from processors import stages
 from processors.faust_app import PostbackApp
 from processors.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processors.metrics import ProcessorMetrics
+from processors.pending_index import PendingIndex
 from processors.publish import Publisher, decode_envelope
 from processors.sweep import Sweep
 from processors.tables import batch_table
@@ -56,6 +57,8 @@ from schemas.codec import Codec, CodecError
 log = logging.getLogger("processors")
 
 TICK = b"__tick__"
+#: Pending entries visited per tick of a partition at most (the rest on the next ticks, a second apart).
+PENDING_VISITS_PER_TICK = 5_000
 
 
 def _now_ms() -> int:
@@ -153,6 +156,8 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     dedupe_sweep = Sweep(dedupe_table.partition_items, opts.cleanup_chunk, cleanup_ms)
     clicks_sweep = Sweep(clicks_table.partition_items, opts.cleanup_chunk, cleanup_ms)
     click_horizon_ms = opts.click_horizon_ms(partners.longest_attribution_window_days())
+    pending_index = PendingIndex()
+    pending_index_seeks = [-1]  # the consumer's rebalance count the index was built for
     publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives
 
     def publisher() -> Publisher:
@@ -258,11 +263,29 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
             if removed:
                 metrics.expired.labels("clicks").inc(removed)
                 log.info("forgot %d clicks older than the click horizon on partition %d", removed, partition)
-            return stages.expire_pending(pending_table.partition_items(partition)[0], pending_table, partners, now,
-                                         _event_id(event))
-        return [out for conversion in decode_envelope(event.value)
-                for out in stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
-                                                       now, wait_ms)]
+            return expire_pending(partition, now, _event_id(event))
+        outputs: list[stages.Output] = []
+        for conversion in decode_envelope(event.value):
+            attributed = stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
+                                                     now, wait_ms)
+            if not attributed:  # waits for its click (or waited already: a replay)
+                click_id = conversion["click_id"]
+                pending_index.schedule(partition, click_id, stages.next_visit_ms(pending_table.get(click_id)))
+            outputs.extend(attributed)
+        return outputs
+
+    def expire_pending(partition: int, now: int, event_id: str) -> list[stages.Output]:
+        if pending_index_seeks[0] != app.consumer.seeks:  # a rebalance: rebuild each partition from its table
+            pending_index.reset()
+            pending_index_seeks[0] = app.consumer.seeks
+        if not pending_index.built(partition):
+            pending_index.rebuild(partition, pending_table.partition_items(partition)[0], now)
+        visit = [(click_id, waiting) for click_id in pending_index.due(partition, now, PENDING_VISITS_PER_TICK)
+                 if (waiting := pending_table.get(click_id)) is not None]
+        outputs, after = stages.expire_pending(visit, pending_table, partners, now, event_id)
+        for click_id, waiting in after.items():
+            pending_index.schedule(partition, click_id, stages.next_visit_ms(waiting))
+        return outputs
 
     def click_one(event: Any, _partition: int, now: int) -> Iterable[stages.Output]:
         click = decoded(click_codec, event)

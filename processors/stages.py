@@ -214,14 +214,16 @@ def click_arrived(click: dict[str, Any], clicks: MutableMapping[str, Any], pendi
 
 
 def expire_pending(entries: Iterable[tuple[str, Any]], pending: MutableMapping[str, Any], partners: PartnerConfig,
-                   now_ms: int, event_id: str = "") -> list[Output]:
+                   now_ms: int, event_id: str = "") -> tuple[list[Output], dict[str, dict[str, Any] | None]]:
     """Conversions whose click did not arrive in time are emitted unattributed (`no_click`).
 
-    `entries` are the pending items of the ticked partition (all of them: a replayed tick
-    must see the items it emitted, see `_release`); also forgets items emitted more than
-    EMITTED_GRACE_MS ago.
+    `entries` are the pending entries this tick visits (`PendingIndex.due`): the due ones,
+    and after a restart the ones a replayed tick may have emitted from (see `_release`).
+    Also forgets items emitted more than EMITTED_GRACE_MS ago. Returns the outputs and
+    each visited entry's new value (None when it was deleted).
     """
     outputs: list[Output] = []
+    after: dict[str, dict[str, Any] | None] = {}
     for click_id, waiting in entries:
         released, updated = _release(waiting, lambda item: item["deadline"] <= now_ms, None, partners, now_ms,
                                      event_id)
@@ -231,9 +233,26 @@ def expire_pending(entries: Iterable[tuple[str, Any]], pending: MutableMapping[s
                 if "out" not in item or now_ms - item["emitted_at"] <= EMITTED_GRACE_MS or item["by"] == event_id}
         if not keep:
             del pending[click_id]
+            after[click_id] = None
         elif updated is not None or len(keep) != len(current["items"]):
-            pending[click_id] = dict(current, items=keep)
-    return outputs
+            after[click_id] = pending[click_id] = dict(current, items=keep)
+        else:
+            after[click_id] = current
+    return outputs, after
+
+
+def next_visit_ms(waiting: dict[str, Any] | None) -> int | None:
+    """When a pending entry next needs a tick: its earliest deadline, or when an emitted item
+    may be forgotten; None when there is no entry."""
+    if not waiting or not waiting["items"]:
+        return None
+    return min(item["emitted_at"] + EMITTED_GRACE_MS + 1 if "out" in item else item["deadline"]
+               for item in waiting["items"].values())
+
+
+def recently_emitted(waiting: dict[str, Any], since_ms: int) -> bool:
+    """Whether an item of this pending entry was emitted at or after `since_ms`."""
+    return any("out" in item and item["emitted_at"] >= since_ms for item in waiting["items"].values())
 
 
 def expire_dedupe(entries: Iterable[tuple[str, Any]], table: MutableMapping[str, Any], now_ms: int,

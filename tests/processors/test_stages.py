@@ -235,10 +235,11 @@ def test_late_click_attributes_waiting_conversion() -> None:
     [out] = stages.click_arrived(CLICK, clicks, pending, PARTNERS, NOW + 1000, "clicks:4:17")
     assert out.record["attribution"] == "attributed"
     # Kept (marked emitted) until a later tick after the grace period, so a replay can re-emit.
-    assert stages.expire_pending(list(pending.items()), pending, PARTNERS, NOW + 2000, "tick:4:1") == []
+    assert stages.expire_pending(list(pending.items()), pending, PARTNERS, NOW + 2000, "tick:4:1")[0] == []
     assert "C1" in pending
+    assert stages.next_visit_ms(pending["C1"]) == NOW + 1000 + stages.EMITTED_GRACE_MS + 1
     assert stages.expire_pending(list(pending.items()), pending, PARTNERS, NOW + 1000 + stages.EMITTED_GRACE_MS + 1,
-                                 "tick:4:2") == []
+                                 "tick:4:2") == ([], {"C1": None})
     assert pending == {}
 
 
@@ -261,7 +262,9 @@ def test_conversion_without_its_click_is_emitted_unattributed_after_the_wait() -
     stages.attribute_conversion(_conversion(click_id="GONE"), {}, pending, 1, PARTNERS, NOW, wait_ms=60_000)
 
     def tick(now: int, event_id: str) -> list:
-        return stages.expire_pending(list(pending.items()), pending, PARTNERS, now, event_id)
+        return stages.expire_pending(list(pending.items()), pending, PARTNERS, now, event_id)[0]
+
+    assert stages.next_visit_ms(pending["GONE"]) == NOW + 60_000
 
     assert tick(NOW + 30_000, "t:1:1") == []  # still waiting
     [out] = tick(NOW + 61_000, "t:1:2")
