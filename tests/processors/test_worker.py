@@ -121,6 +121,36 @@ def test_sigkill_mid_stream_then_restart(pipeline: Pipeline, tmp_path, state: st
     assert 'postback_processor_stream_holes_total{outcome="accepted"}' not in metrics  # nothing committed over
 
 
+def _verified(web_port: int) -> float:
+    """How many raw postbacks a worker's verify agent handled, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith('postback_processor_events_total{agent="verify"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_two_workers_one_killed_the_other_takes_its_partitions_over(pipeline: Pipeline, tmp_path) -> None:
+    """Scale-out (`postback process --workers 2` runs the same group): both workers share the
+    partitions; one is SIGKILLed mid-stream, the group rebalances after its session times out,
+    and the survivor restores the moved partitions' tables from their changelogs and finishes."""
+    orders = 3000
+    receipts, order_of = _workload(pipeline, orders, int(time.time() * 1000))
+    survivor = pipeline.start_worker(tmp_path / "a", late_click_wait=2.0)
+    victim = pipeline.start_worker(tmp_path / "b", late_click_wait=2.0)
+    deadline = time.monotonic() + 120
+    while len(pipeline.outputs()) < len(receipts) // 4:
+        assert time.monotonic() < deadline, pipeline.logs()
+        time.sleep(0.3)
+    assert _verified(pipeline.web_ports[1]) > 0  # the victim had partitions of its own
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    out = pipeline.wait_for(receipts, timeout=240)
+    _assert_exactly_once(out, receipts, order_of, orders)
+    _assert_offsets_reach_the_end(pipeline)
+    assert survivor.poll() is None
+
+
 def test_clicks_past_the_click_horizon_are_forgotten(pipeline: Pipeline, tmp_path) -> None:
     """The clicks table is bounded: a click older than the horizon is deleted by the sweep (and
     from the changelog), so its conversion ends unattributed (`no_click`) after the late-click
