@@ -92,8 +92,8 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
         # with auto_offset_reset=earliest the next record is the log start's.
         fresh = [tp for tp in assigned if tp not in expected and self.app.topics.acks_enabled_for(tp.topic)]
         if fresh and self.app.conf.consumer_auto_offset_reset == "earliest":
-            earliest = await self.earliest_offsets(*fresh)
-            expected.update({tp: offset for tp, offset in earliest.items() if offset is not None})
+            expected.update({tp: offset for tp, offset in (await self._log_starts(*fresh)).items()
+                             if offset is not None})
         self._expected = expected
         self._reseeks.clear()
         self.seeks += 1
@@ -123,7 +123,9 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
     async def _on_hole(self, tp: TP, expected: int, offset: int) -> bool:
         """Records `expected`..`offset - 1` were not delivered: read them again (False), or,
         when the log no longer has them, commit over them (True: deliver `offset`)."""
-        earliest = (await self.earliest_offsets(tp)).get(tp)
+        if tp not in self.assignment():  # revoked meanwhile (a rebalance): its next owner reads it
+            return False
+        earliest = (await self._log_starts(tp)).get(tp)
         if earliest is not None and earliest > expected:
             log.error("%s: offsets %d..%d are gone from the log (log start %d): committing over them",
                       tp, expected, earliest - 1, earliest)
@@ -141,6 +143,15 @@ class ContiguousConsumer(faust_aiokafka.Consumer):
                     tp, offset, expected, expected)
         await self.seek(tp, expected)
         return False
+
+    async def _log_starts(self, *tps: TP) -> dict[TP, int | None]:
+        """The partitions' log start offsets; unknown (None) when the broker does not answer,
+        which costs at most a re-read, never a record."""
+        try:
+            return dict(await self.earliest_offsets(*tps))
+        except Exception as exc:  # noqa: BLE001 - a broker hiccup must not stop the fetch loop
+            log.warning("could not read the log start offsets of %s: %r", sorted(tps), exc)
+            return {}
 
     def _accept(self, tp: TP, expected: int, offset: int) -> bool:
         self.app.on_stream_hole("accepted")

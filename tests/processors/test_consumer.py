@@ -40,6 +40,7 @@ class Broker:
         consumer._seek = self._seek  # type: ignore[method-assign]
         consumer.earliest_offsets = self._earliest  # type: ignore[method-assign]
         consumer.highwater = lambda tp: 1_000  # type: ignore[method-assign]
+        consumer.assignment = lambda: {P0}  # type: ignore[method-assign]
         consumer.app.topics.acks_enabled_for = lambda topic: True  # type: ignore[method-assign]
         consumer.app.on_stream_hole = self.holes.append
 
@@ -125,7 +126,6 @@ def test_a_partition_never_committed_starts_at_the_log_start(tmp_path: Path) -> 
     async def run() -> tuple[list[list[int]], Broker]:
         consumer = _consumer(tmp_path)
         broker = Broker(consumer, log_start=0)
-        consumer.assignment = lambda: {P0}  # type: ignore[method-assign]
 
         async def no_commits() -> dict[TP, int | None]:
             return {P0: None}
@@ -150,3 +150,32 @@ def test_a_hole_that_comes_back_after_every_reread_is_committed_over(tmp_path: P
     delivered, broker = asyncio.run(run())
     assert delivered == [[]] * MAX_RESEEKS + [[42, 43]]
     assert broker.seeks == [(P0, 40)] * MAX_RESEEKS and broker.holes == ["reseeked"] * MAX_RESEEKS + ["accepted"]
+
+
+def test_a_partition_revoked_meanwhile_is_not_seeked(tmp_path: Path) -> None:
+    async def run() -> tuple[list[int], Broker]:
+        consumer = _consumer(tmp_path)
+        broker = Broker(consumer)
+        consumer.assignment = set  # type: ignore[method-assign]  # a rebalance took P0 away
+        _seeked_to(consumer, 3349)
+        broker.fetches = [[3384, 3385]]
+        return await _delivered(consumer), broker
+
+    delivered, broker = asyncio.run(run())
+    assert delivered == [] and broker.seeks == []
+
+
+def test_without_a_log_start_answer_the_hole_is_read_again_not_committed_over(tmp_path: Path) -> None:
+    async def run() -> tuple[list[list[int]], Broker]:
+        consumer = _consumer(tmp_path)
+        broker = Broker(consumer, log_start=500)  # the log start would say "gone": but the broker does not answer
+
+        async def unreachable(*tps: TP) -> dict[TP, int]:
+            raise ConnectionError("broker down")
+        consumer.earliest_offsets = unreachable  # type: ignore[method-assign]
+        _seeked_to(consumer, 100)
+        broker.fetches = [[500, 501], [100, 101]]
+        return [await _delivered(consumer) for _ in range(2)], broker
+
+    delivered, broker = asyncio.run(run())
+    assert delivered == [[], [100, 101]] and broker.seeks == [(P0, 100)] and broker.holes == ["reseeked"]
