@@ -268,19 +268,25 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         for conversion in decode_envelope(event.value):
             attributed = stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
                                                      now, wait_ms)
-            if not attributed:  # waits for its click (or waited already: a replay)
+            if not attributed and current_pending_index().built(partition):  # waits for its click
                 click_id = conversion["click_id"]
                 pending_index.schedule(partition, click_id, stages.next_visit_ms(pending_table.get(click_id)))
             outputs.extend(attributed)
         return outputs
 
-    def expire_pending(partition: int, now: int, event_id: str) -> list[stages.Output]:
-        if pending_index_seeks[0] != app.consumer.seeks:  # a rebalance: rebuild each partition from its table
+    def current_pending_index() -> PendingIndex:
+        """The pending index of this consumer generation: after a rebalance, every partition
+        is rebuilt from its table on its next tick (entries parked meanwhile are in the table)."""
+        if pending_index_seeks[0] != app.consumer.seeks:
             pending_index.reset()
             pending_index_seeks[0] = app.consumer.seeks
-        if not pending_index.built(partition):
-            pending_index.rebuild(partition, pending_table.partition_items(partition)[0], now)
-        visit = [(click_id, waiting) for click_id in pending_index.due(partition, now, PENDING_VISITS_PER_TICK)
+        return pending_index
+
+    def expire_pending(partition: int, now: int, event_id: str) -> list[stages.Output]:
+        index = current_pending_index()
+        if not index.built(partition):
+            index.rebuild(partition, pending_table.partition_items(partition)[0], now)
+        visit = [(click_id, waiting) for click_id in index.due(partition, now, PENDING_VISITS_PER_TICK)
                  if (waiting := pending_table.get(click_id)) is not None]
         outputs, after = stages.expire_pending(visit, pending_table, partners, now, event_id)
         for click_id, waiting in after.items():

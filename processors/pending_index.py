@@ -44,7 +44,7 @@ class PendingIndex:
     def rebuild(self, partition: int, entries: Iterable[tuple[str, Any]], now_ms: int) -> None:
         """From all of the partition's pending entries (decoded): their visit times, and the
         entries a replayed tick may have changed (see the module docstring)."""
-        self._heaps[partition] = []
+        self._heaps[partition] = []  # built from here on
         recent: set[str] = set()
         for click_id, waiting in entries:
             self.schedule(partition, click_id, next_visit_ms(waiting))
@@ -53,14 +53,18 @@ class PendingIndex:
         self._replay[partition] = (now_ms + EMITTED_GRACE_MS, recent)
 
     def schedule(self, partition: int, click_id: str, visit_at: int | None) -> None:
-        """The entry's next visit (None: the entry is gone)."""
+        """The entry's next visit (None: the entry is gone). Ignored until the partition is
+        built: `rebuild` then reads the entry from the table with everything else."""
+        heap = self._heaps.get(partition)
+        if heap is None:
+            return
         if visit_at is None:
             self._visit_at.pop(click_id, None)
             return
         if self._visit_at.get(click_id) == visit_at:
             return
         self._visit_at[click_id] = visit_at
-        heapq.heappush(self._heaps.setdefault(partition, []), (visit_at, click_id))
+        heapq.heappush(heap, (visit_at, click_id))
 
     def due(self, partition: int, now_ms: int, limit: int) -> list[str]:
         """Click ids to visit on this tick: at most `limit` due ones (the rest on later ticks),

@@ -29,6 +29,7 @@ def test_only_due_entries_are_visited_in_deadline_order_and_each_once() -> None:
 
 def test_a_rescheduled_entry_is_visited_at_its_new_time_only() -> None:
     index = PendingIndex()
+    index.rebuild(0, [], now_ms=0)
     index.schedule(0, "A", 100)
     index.schedule(0, "A", 400)  # e.g. its items were emitted: next visit when they may be forgotten
     assert index.due(0, 300, limit=10) == []
@@ -58,3 +59,14 @@ def test_a_partition_is_built_once_until_reset() -> None:
     assert index.built(3) and not index.built(4)
     index.reset()
     assert not index.built(3)
+
+
+def test_entries_scheduled_before_a_partition_is_built_come_from_the_table() -> None:
+    """Regression (two workers, one killed): after a rebalance, a conversion parked on a moved
+    partition before that partition's first tick must not make the index look built; the
+    entries the old owner parked would then never be visited."""
+    index = PendingIndex()
+    index.schedule(2, "NEW", 100)  # parked after the rebalance, before partition 2's first tick
+    assert not index.built(2) and index.due(2, 10_000, limit=10) == []
+    index.rebuild(2, [("OLD", waiting(50)), ("NEW", waiting(100))], now_ms=0)  # both are in the table
+    assert index.due(2, 10_000, limit=10) == ["OLD", "NEW"]

@@ -121,12 +121,25 @@ def test_sigkill_mid_stream_then_restart(pipeline: Pipeline, tmp_path, state: st
     assert 'postback_processor_stream_holes_total{outcome="accepted"}' not in metrics  # nothing committed over
 
 
-def _verified(web_port: int) -> float:
-    """How many raw postbacks a worker's verify agent handled, from its /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith('postback_processor_events_total{agent="verify"}'):
-                return float(line.split()[-1])
+def _wait_until_each_owns_partitions(pipeline: Pipeline, timeout: float = 90.0) -> None:
+    """Until every worker handles ticks (the leader sends one to every partition each second):
+    then each has partitions of its own and has restored their tables."""
+    deadline = time.monotonic() + timeout
+    while not all(_handled(port, "attribute") > 0 for port in pipeline.web_ports):
+        assert time.monotonic() < deadline, pipeline.logs()
+        time.sleep(0.5)
+
+
+def _handled(web_port: int, agent: str) -> float:
+    """How many events a worker's agent handled, from its /metrics (0 until its web server is up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(f'postback_processor_events_total{{agent="{agent}"}}'):
+            return float(line.split()[-1])
     return 0.0
 
 
@@ -135,14 +148,14 @@ def test_two_workers_one_killed_the_other_takes_its_partitions_over(pipeline: Pi
     partitions; one is SIGKILLed mid-stream, the group rebalances after its session times out,
     and the survivor restores the moved partitions' tables from their changelogs and finishes."""
     orders = 3000
-    receipts, order_of = _workload(pipeline, orders, int(time.time() * 1000))
     survivor = pipeline.start_worker(tmp_path / "a", late_click_wait=2.0)
     victim = pipeline.start_worker(tmp_path / "b", late_click_wait=2.0)
+    _wait_until_each_owns_partitions(pipeline)  # both share the partitions before there is work
+    receipts, order_of = _workload(pipeline, orders, int(time.time() * 1000))
     deadline = time.monotonic() + 120
-    while len(pipeline.outputs()) < len(receipts) // 4:
+    while len(pipeline.outputs()) < len(receipts) // 4 or _handled(pipeline.web_ports[1], "verify") == 0:
         assert time.monotonic() < deadline, pipeline.logs()
         time.sleep(0.3)
-    assert _verified(pipeline.web_ports[1]) > 0  # the victim had partitions of its own
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     out = pipeline.wait_for(receipts, timeout=240)
