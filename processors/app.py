@@ -46,6 +46,7 @@ from postback.partners import DEFAULT_DEDUPE_HORIZON_DAYS, PartnerConfig
 from postback.topics import Topics, TopicSpec
 from processors import stages
 from processors.faust_app import PostbackApp
+from processors.inflight import InFlight
 from processors.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processors.metrics import ProcessorMetrics
 from processors.pending_index import PendingIndex
@@ -191,6 +192,15 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         # As a header: aiohttp refuses a content_type argument with parameters (charset, version).
         return view.bytes(metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
+    in_flight = InFlight()
+
+    @app.on_partitions_revoked.connect
+    async def finish_batches(_app: Any, *_args: Any, **_kwargs: Any) -> None:
+        """Let batches in flight publish their changelog and outputs before the partitions move."""
+        if not await in_flight.idle(opts.session_timeout_s / 2):
+            log.warning("rebalance: %d batch(es) still in flight after %.1f s; revoking anyway",
+                        in_flight.running, opts.session_timeout_s / 2)
+
     @app.on_before_shutdown.connect
     async def close_publisher(_app: Any, **_kwargs: Any) -> None:
         if publishers:
@@ -215,16 +225,17 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
                 if app.consumer.seeks != seeks:  # a rebalance: partitions may have moved on elsewhere
                     last.clear()
                     seeks = app.consumer.seeks
-                for event in events:
-                    message = event.message
-                    before = last.get(message.tp)
-                    if before is not None and message.offset > before + 1:
-                        metrics.stream_holes.labels("agent").inc()
-                        log.warning("agent %s: %s jumped from offset %d to %d", agent, message.tp, before,
-                                    message.offset)
-                    last[message.tp] = message.offset
-                    outputs.extend(handle(event, _enter(event), now))
-                await publish(agent, len(events), outputs)
+                with in_flight:  # a rebalance waits for this batch (see processors.inflight)
+                    for event in events:
+                        message = event.message
+                        before = last.get(message.tp)
+                        if before is not None and message.offset > before + 1:
+                            metrics.stream_holes.labels("agent").inc()
+                            log.warning("agent %s: %s jumped from offset %d to %d", agent, message.tp, before,
+                                        message.offset)
+                        last[message.tp] = message.offset
+                        outputs.extend(handle(event, _enter(event), now))
+                    await publish(agent, len(events), outputs)
         except asyncio.CancelledError:
             raise
         except Exception:
