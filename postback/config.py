@@ -107,6 +107,10 @@ class ProcessOptions:
     commit_interval_s: float = 1.0
     #: Each agent takes up to this many events at a time, waiting at most batch_wait_s for them.
     batch_max: int = 500
+    #: The dedupe and attribute agents consume envelopes (each up to ~500 messages): they take at
+    #: most this many at a time, so that one batch stays a few thousand postbacks (a crash repeats
+    #: at most one batch per agent; a 500-envelope batch after a restart held ~40,000).
+    envelope_batch_max: int = 40
     batch_wait_s: float = 0.01
     #: A batch's outputs are retried until acknowledged; each attempt waits at most this long.
     delivery_timeout_s: float = 30.0

@@ -14,7 +14,8 @@ Design (see docs/architecture.md):
   join instead of faust's (broken) stream-stream join. Conversions whose click is not
   there yet wait in the `pending` table; ticks sent to every partition expire them.
 
-Batches: each agent takes up to `batch_max` events at a time (`take_events`), runs the
+Batches: each agent takes up to `batch_max` events at a time (`take_events`; the envelope
+agents dedupe and attribute up to `envelope_batch_max` envelopes), runs the
 pure stages on each with that event set as faust's current event (table writes go to
 the event's partition), and hands the batch's table changelog records (`processors.tables`)
 and outputs to `processors.publish`: one confluent-kafka producer, internal hops as one
@@ -72,8 +73,8 @@ def _event_id(event: Any) -> str:
     return f"{message.topic}:{message.partition}:{message.offset}"
 
 
-def _batches(stream: Any, opts: ProcessOptions) -> Any:
-    return stream.take_events(opts.batch_max, within=opts.batch_wait_s)
+def _batches(stream: Any, batch_max: int, opts: ProcessOptions) -> Any:
+    return stream.take_events(batch_max, within=opts.batch_wait_s)
 
 
 def _enter(event: Any) -> int:
@@ -206,8 +207,8 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         if publishers:
             await publishers[0].close()
 
-    async def run_batches(agent: str, stream: Any,
-                          handle: Callable[[Any, int, int], Iterable[stages.Output]]) -> None:
+    async def run_batches(agent: str, stream: Any, handle: Callable[[Any, int, int], Iterable[stages.Output]],
+                          batch_max: int = opts.batch_max) -> None:
         """Take events in batches, `handle(event, partition, now_ms)` each as faust's current
         event, then publish the batch's outputs; faust acks the batch once this loop asks for the next.
 
@@ -219,7 +220,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         last: dict[Any, int] = {}  # partition -> offset of its last event here, since the last rebalance
         seeks = app.consumer.seeks
         try:
-            async for events in _batches(stream, opts):
+            async for events in _batches(stream, batch_max, opts):
                 outputs: list[stages.Output] = []
                 now = _now_ms()
                 if app.consumer.seeks != seeks:  # a rebalance: partitions may have moved on elsewhere
@@ -315,11 +316,11 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
 
     @app.agent(dedupe_topic)
     async def dedupe(stream: Any) -> None:
-        await run_batches("dedupe", stream, dedupe_one)
+        await run_batches("dedupe", stream, dedupe_one, opts.envelope_batch_max)
 
     @app.agent(attribute_topic)
     async def attribute(stream: Any) -> None:
-        await run_batches("attribute", stream, attribute_one)
+        await run_batches("attribute", stream, attribute_one, opts.envelope_batch_max)
 
     @app.agent(clicks_in)
     async def clicks(stream: Any) -> None:
