@@ -94,7 +94,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         log(f"dedupe: sweep ticks of {ProcessOptions().cleanup_chunk:,} entries, one full pass ...")
         sweep = Sweep(dedupe.partition_items, ProcessOptions().cleanup_chunk, pass_interval_ms=10**9)
         ticks: list[float] = []
-        while not ticks or sweep._cursor:  # noqa: SLF001 - a pass is over when no cursor is left
+        while not ticks or sweep.in_pass(0):
             ticks.append(timed(lambda: stages.expire_dedupe(sweep.next_chunk(0, now), {}, now, horizon)))
 
         log("pending: scanning ticks (the baseline), index rebuild, indexed ticks ...")

@@ -517,6 +517,12 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
 TICKS_IN_FLIGHT = 24
 
 
+def committed_to_the_end(uncommitted: dict[str, int]) -> bool:
+    """The processor group's commits reached the end of its inputs, a few ticks aside."""
+    return uncommitted.get("inputs") == 0 and \
+        uncommitted.get("to_dedupe", 0) + uncommitted.get("to_attribute", 0) <= TICKS_IN_FLIGHT
+
+
 def wait_for_commits(counter: TopicCounter, consumer_group: str, worker: Child,
                      timeout: float = 20.0) -> dict[str, int]:
     """Once every receipt has an outcome, the processor group's offsets must reach the end of its
@@ -527,7 +533,7 @@ def wait_for_commits(counter: TopicCounter, consumer_group: str, worker: Child,
     while True:
         worker.check_alive()
         left = {group: counter.uncommitted(consumer_group, group) for group in ("inputs", "to_dedupe", "to_attribute")}
-        if left["inputs"] == 0 and left["to_dedupe"] + left["to_attribute"] <= TICKS_IN_FLIGHT:
+        if committed_to_the_end(left):
             log(f"the processor group committed to the end of its inputs ({left})")
             return left
         if time.monotonic() > deadline:
@@ -871,11 +877,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_to_faust_floor": rate_ratio(worker["events_per_s"], floor.get("events_per_s")),
             "correct": details["correct"] and committed_to_the_end(w.uncommitted), "kill": kill,
             "details": details, "host": host}
-
-
-def committed_to_the_end(uncommitted: dict[str, int]) -> bool:
-    return uncommitted.get("inputs") == 0 and \
-        uncommitted.get("to_dedupe", 0) + uncommitted.get("to_attribute", 0) <= TICKS_IN_FLIGHT
 
 
 def kill_report(args: argparse.Namespace, w: WorkerRun, found: dict[str, list[Output]]) -> dict[str, Any]:

@@ -158,8 +158,7 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     dedupe_sweep = Sweep(dedupe_table.partition_items, opts.cleanup_chunk, cleanup_ms)
     clicks_sweep = Sweep(clicks_table.partition_items, opts.cleanup_chunk, cleanup_ms)
     click_horizon_ms = opts.click_horizon_ms(partners.longest_attribution_window_days())
-    pending_index = PendingIndex()
-    pending_index_seeks = [-1]  # the consumer's rebalance count the index was built for
+    pending_index = PendingIndex()  # use through pending_index.follow(app.consumer.seeks)
     publishers: list[Publisher] = []  # one, made on the worker's event loop when the first batch arrives
 
     def publisher() -> Publisher:
@@ -280,29 +279,24 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
         for conversion in decode_envelope(event.value):
             attributed = stages.attribute_conversion(conversion, clicks_table, pending_table, partition, partners,
                                                      now, wait_ms)
-            if not attributed and current_pending_index().built(partition):  # waits for its click
+            index = pending_index.follow(app.consumer.seeks)
+            if not attributed and index.built(partition):  # waits for its click
                 click_id = conversion["click_id"]
-                pending_index.schedule(partition, click_id, stages.next_visit_ms(pending_table.get(click_id)))
+                index.schedule(partition, click_id, stages.next_visit_ms(pending_table.get(click_id)))
             outputs.extend(attributed)
         return outputs
 
-    def current_pending_index() -> PendingIndex:
-        """The pending index of this consumer generation: after a rebalance, every partition
-        is rebuilt from its table on its next tick (entries parked meanwhile are in the table)."""
-        if pending_index_seeks[0] != app.consumer.seeks:
-            pending_index.reset()
-            pending_index_seeks[0] = app.consumer.seeks
-        return pending_index
-
     def expire_pending(partition: int, now: int, event_id: str) -> list[stages.Output]:
-        index = current_pending_index()
+        # After a rebalance every partition is rebuilt from its table on its next tick
+        # (entries parked meanwhile are in the table).
+        index = pending_index.follow(app.consumer.seeks)
         if not index.built(partition):
             index.rebuild(partition, pending_table.partition_items(partition)[0], now)
         visit = [(click_id, waiting) for click_id in index.due(partition, now, PENDING_VISITS_PER_TICK)
                  if (waiting := pending_table.get(click_id)) is not None]
         outputs, after = stages.expire_pending(visit, pending_table, partners, now, event_id)
         for click_id, waiting in after.items():
-            pending_index.schedule(partition, click_id, stages.next_visit_ms(waiting))
+            index.schedule(partition, click_id, stages.next_visit_ms(waiting))
         return outputs
 
     def click_one(event: Any, _partition: int, now: int) -> Iterable[stages.Output]:

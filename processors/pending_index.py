@@ -14,7 +14,8 @@ is rebuilt then from the table (one full scan of the partition, on its first tic
 EMITTED_GRACE_MS after a rebuild, every entry with an item emitted in the grace period
 before the rebuild is visited on every tick as well: any replayed tick finds its own.
 
-In memory only, per worker; `reset()` on every rebalance (the worker's partitions change).
+In memory only, per worker; `follow(generation)` resets it on every rebalance (the worker's
+partitions change).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ class PendingIndex:
         self._heaps: dict[int, list[tuple[int, str]]] = {}  # partition -> (visit at, click id), lazily deleted
         self._visit_at: dict[str, int] = {}  # click id -> its current visit time (heap items that differ are stale)
         self._replay: dict[int, tuple[int, set[str]]] = {}  # partition -> (until, click ids revisited until then)
+        self._generation: int | None = None  # the consumer's rebalance count this index was built in
+
+    def follow(self, generation: int) -> "PendingIndex":
+        """The index for the consumer's current rebalance count: reset when it changed."""
+        if generation != self._generation:
+            self.reset()
+            self._generation = generation
+        return self
 
     def reset(self) -> None:
         """Forget everything: each partition is rebuilt from the table on its next tick."""
@@ -84,6 +93,3 @@ class PendingIndex:
         else:
             self._replay.pop(partition, None)
         return out
-
-    def size(self, partition: int) -> int:
-        return len(self._heaps.get(partition, []))

@@ -30,6 +30,10 @@ class Sweep:
         self._cursor: dict[int, bytes] = {}  # partition -> where its pass stopped
         self._next_pass_ms: dict[int, int] = {}  # partition -> earliest start of its next pass
 
+    def in_pass(self, partition: int) -> bool:
+        """Whether a pass over `partition` has started and not reached the end yet."""
+        return partition in self._cursor
+
     def next_chunk(self, partition: int, now_ms: int) -> list[tuple[Any, Any]]:
         """The next at most `chunk` entries of `partition` to check, or none between passes."""
         cursor = self._cursor.pop(partition, None)

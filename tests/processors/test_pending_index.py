@@ -70,3 +70,10 @@ def test_entries_scheduled_before_a_partition_is_built_come_from_the_table() -> 
     assert not index.built(2) and index.due(2, 10_000, limit=10) == []
     index.rebuild(2, [("OLD", waiting(50)), ("NEW", waiting(100))], now_ms=0)  # both are in the table
     assert index.due(2, 10_000, limit=10) == ["OLD", "NEW"]
+
+
+def test_following_a_new_rebalance_count_resets_the_index() -> None:
+    index = PendingIndex()
+    index.follow(1).rebuild(0, [("A", waiting(100))], now_ms=0)
+    assert index.follow(1).built(0)  # same rebalance: kept
+    assert not index.follow(2).built(0)  # a rebalance: rebuilt from the table on the next tick

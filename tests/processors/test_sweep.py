@@ -28,7 +28,10 @@ def _keys(entries: list[tuple[Any, Any]]) -> list[str]:
 def test_a_pass_visits_every_entry_once_in_chunks_then_waits_for_the_interval() -> None:
     table = Partitions(p0=["a", "b", "c", "d", "e"], p1=["x"])
     sweep = Sweep(table.scan, chunk=2, pass_interval_ms=1000)
-    assert [_keys(sweep.next_chunk(0, now)) for now in (0, 1, 2)] == [["a", "b"], ["c", "d"], ["e"]]
+    assert not sweep.in_pass(0)
+    assert _keys(sweep.next_chunk(0, 0)) == ["a", "b"] and sweep.in_pass(0)
+    assert [_keys(sweep.next_chunk(0, now)) for now in (1, 2)] == [["c", "d"], ["e"]]
+    assert not sweep.in_pass(0)
     assert sweep.next_chunk(0, 500) == []  # pass done at t=2: the next starts at t=1002
     assert _keys(sweep.next_chunk(1, 500)) == ["x"]  # partitions have passes of their own
     assert _keys(sweep.next_chunk(0, 1002)) == ["a", "b"]
