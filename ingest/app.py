@@ -34,6 +34,7 @@ from ingest import validation as v
 from ingest.metrics import CONTENT_TYPE, IngestMetrics
 from postback.config import IngestOptions
 from postback.kafka import AsyncProducer, KafkaUnavailable
+from postback.partner_view import routing_key
 from postback.partners import PartnerConfig
 from postback.topics import Topics
 from schemas.codec import Codec
@@ -225,20 +226,25 @@ class Ingester:
                 return rejected(400, exc.errors)
             if not body:
                 content_type = None
+        advertiser_id = v.first(params, "advertiser_id")
+        adv = self.partners.advertiser(advertiser_id) if advertiser_id else None
         try:
-            v.check_postback(params)
+            view = v.check_postback(params, adv)
         except v.RejectedInput as exc:
             return rejected(400, exc.errors)
         receipt_id = str(ULID())
         headers = request.headers
+        recorded = SIGNATURE_HEADERS if adv is None or adv.token_header is None else \
+            (*SIGNATURE_HEADERS, adv.token_header)
         record = {
             "receipt_id": receipt_id, "received_at_ms": received_at, "remote_ip": request.remote or "",
             "method": request.method, "path": request.path, "content_type": content_type,
             "params": _kv(params), "body": body,
-            "headers": [{"key": h, "value": headers[h]} for h in SIGNATURE_HEADERS if h in headers],
+            "headers": [{"key": h, "value": headers[h]} for h in recorded if h in headers],
             "ingester_id": self.ingester_id,
         }
-        key = v.first(params, "click_id") or receipt_id
+        # All updates of one order on one partition, so they are verified in the order received.
+        key = (routing_key(view, adv) if adv is not None else None) or receipt_id
         value = self.postback_codec.encode(record, validated=False)
         failure = await self._deliver(self.topics.raw_postbacks.name, key, value)
         if failure is not None:

@@ -29,6 +29,9 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from urllib.parse import unquote_to_bytes
 
+from postback.partner_view import SINGLETON_PARAMS, PartnerView, read
+from postback.partners import Advertiser
+
 REASONS = frozenset({
     "missing", "empty", "too_long", "invalid_utf8", "invalid_percent_encoding", "nul_byte",
     "control_character", "invalid_key", "too_many_parameters", "duplicate", "invalid_json", "not_object",
@@ -287,9 +290,8 @@ def parse_json_object(body: bytes, limits: Limits = _LIMITS) -> Params:
 
 
 # -- postbacks --------------------------------------------------------------------------
-SINGLETON_FIELDS = frozenset({"advertiser_id", "event", "click_id", "order_id", "amount", "currency", "ts", "sig",
-                              "kid", "token", "status", "event_time", "customer_id", "period"})
-_REQUIRED_POSTBACK = ("advertiser_id", "event")
+#: Canonical names sent at most once (after aliases); kept here for callers of this module.
+SINGLETON_FIELDS = SINGLETON_PARAMS
 
 
 def first(params: Params, key: str) -> str | None:
@@ -311,31 +313,28 @@ def _required(name: str, value: str | None, errors: list[FieldError]) -> bool:
     return False
 
 
-def check_postback(params: Params) -> None:
-    """Reject a postback whose meaning would be ambiguous or unroutable.
+def check_postback(params: Params, adv: Advertiser | None = None) -> PartnerView:
+    """Reject a postback whose meaning would be ambiguous or unroutable; else its aliased view.
 
-    advertiser_id and event are required (blank counts as empty); a singleton field sent
-    twice is a duplicate (we never guess which value the advertiser meant); click_id must
-    look like one of ours. Raises RejectedInput with every problem, else returns None.
+    Every check reads the advertiser's aliased view (`postback.partner_view.read`), the
+    same one the processor reads: advertiser_id (always literal) and event (under any
+    alias, or from the advertiser's defaults) are required, blank counts as empty; a
+    singleton field sent twice under any of its names is a duplicate (we never guess
+    which value the advertiser meant); click_id must look like one of ours. `adv` is
+    None for an advertiser we do not know (no aliases; the processor rejects it).
+    Raises RejectedInput with every problem.
     """
     errors: list[FieldError] = []
-    values: dict[str, str] = {}
-    dups: list[str] = []
-    for k, v in params:
-        if k in SINGLETON_FIELDS:
-            if k in values:
-                if k not in dups:
-                    dups.append(k)
-            else:
-                values[k] = v
-    for name in _REQUIRED_POSTBACK:
-        _required(name, values.get(name), errors)
-    errors.extend(FieldError(k, "duplicate") for k in dups)
-    click_id = values.get("click_id")
+    view = read(params, adv)
+    _required("advertiser_id", first(params, "advertiser_id"), errors)
+    _required("event", view.get("event"), errors)
+    errors.extend(FieldError(k, "duplicate") for k in view.repeated)
+    click_id = view.get("click_id")
     if click_id is not None and not _CLICK_ID.fullmatch(click_id):
         errors.append(FieldError("click_id", "invalid_click_id"))
     if errors:
         raise RejectedInput(errors)
+    return view
 
 
 # -- clicks -----------------------------------------------------------------------------

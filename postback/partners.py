@@ -53,14 +53,31 @@ All tables are optional; an empty file is a valid configuration with no partners
     # Accepted clock skew of signed timestamps, seconds. Default 300, range 1..86400.
     timestamp_tolerance_s = 300
     # Incoming parameter name -> canonical parameter name. Applied once (not
-    # transitively); names not listed are used as they are. Targets must look like a
-    # canonical parameter name: ^[a-z][a-z0-9_]{0,63}$.
+    # transitively) to every parameter, everywhere: required fields, the Kafka key,
+    # authentication (aliases to token, sig, ts and kid name those parameters),
+    # normalisation and the dedupe key. Names not listed are used as they are. Targets
+    # must look like a canonical parameter name: ^[a-z][a-z0-9_]{0,63}$. An alias that
+    # can have no effect is a load error: to or from advertiser_id (read literally, it
+    # selects this table), to itself, or to an auth parameter of a mode not allowed.
     aliases = { transaction_id = "order_id", clickid = "click_id", sum = "amount" }
     # Advertiser event name -> canonical event (see CANONICAL_EVENTS, or
     # "custom:<name>" with <name> matching ^[a-z0-9_-]{1,40}$).
     event_map = { sale = "purchase", reg = "signup" }
     # Advertiser status value -> "approved" | "pending" | "rejected".
     status_map = { "1" = "approved", "0" = "pending", "-1" = "rejected" }
+    # Canonical name -> value used when a postback does not carry that parameter (or
+    # carries it blank); a value that was sent always wins. Keys: event, currency,
+    # status, offer_id. Values are checked like sent ones (event and status through
+    # the maps above, currency ISO 4217, offer_id a configured offer of this advertiser).
+    defaults = { event = "purchase", currency = "EUR" }
+    # Header that may carry the legacy token instead of a parameter (only with "token"
+    # in auth_modes). The token parameter's own name is set with an alias to "token".
+    token_header = "X-Postback-Token"
+    # A platform's parameter names, event and status codes and auth parameter (see
+    # docs/partners.md and PRESETS in postback/presets.py). Entries written here
+    # (aliases, event_map, status_map, defaults, and every other key) override the
+    # preset's, entry by entry for the four maps.
+    preset = "keitaro"
     # How long order ids are remembered for de-duplication, days. Default 90,
     # range 1..3650.
     dedupe_horizon_days = 90
@@ -94,7 +111,7 @@ import re
 import string
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeAlias
@@ -151,9 +168,18 @@ _MARK = "\ue000"
 _TOP_KEYS = ("ingest", "advertisers", "offers")
 _INGEST_KEYS = ("bulk_token",)
 _ADVERTISER_KEYS = (
-    "auth_modes", "secrets", "default_key_id", "token", "allow_ips", "timestamp_tolerance_s",
-    "aliases", "event_map", "status_map", "dedupe_horizon_days", "one_time_events",
+    "preset", "auth_modes", "secrets", "default_key_id", "token", "token_header", "allow_ips",
+    "timestamp_tolerance_s", "aliases", "event_map", "status_map", "defaults", "dedupe_horizon_days",
+    "one_time_events",
 )
+#: Canonical names each auth mode reads; an alias to one of a mode not allowed has no effect.
+_AUTH_TARGETS = {"ts": "hmac", "kid": "hmac", "sig": "hmac", "token": "token"}
+_HEADER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+_RESERVED_HEADERS = frozenset({"x-postback-timestamp", "x-postback-key-id", "x-postback-signature",
+                               "user-agent", "content-type", "content-length", "host", "authorization"})
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
+#: Advertiser keys that are tables; a preset's entries and the file's are merged entry by entry.
+_MAP_KEYS = ("aliases", "event_map", "status_map", "defaults")
 _OFFER_KEYS = ("advertiser_id", "landing_url", "attribution_window_days", "attribution_windows")
 
 
@@ -212,6 +238,9 @@ class Advertiser:
     status_map: Mapping[str, str] = field(default_factory=dict)
     dedupe_horizon_days: int = DEFAULT_DEDUPE_HORIZON_DAYS
     one_time_events: tuple[str, ...] = DEFAULT_ONE_TIME_EVENTS
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    token_header: str | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -225,6 +254,7 @@ class Advertiser:
         set_(self, "event_map", _freeze_map(self.event_map))
         set_(self, "status_map", _freeze_map(self.status_map))
         set_(self, "one_time_events", tuple(self.one_time_events))
+        set_(self, "defaults", _freeze_map(self.defaults))
         if self.default_key_id is None and len(self.secrets) == 1:
             set_(self, "default_key_id", next(iter(self.secrets)))
 
@@ -298,7 +328,12 @@ class Advertiser:
         return value if value in STATUSES else None
 
     def canonical_name(self, param: str) -> str:
-        """The canonical name of an incoming parameter: its alias target, or itself."""
+        """The canonical name of an incoming parameter: its alias target, or itself.
+
+        ``advertiser_id`` is always itself (it is read before any alias can apply).
+        """
+        if param == "advertiser_id":
+            return param
         return self.aliases.get(param, param)
 
 
@@ -549,6 +584,13 @@ class _Reader:
             path = _join("offers", offer_id)
             self.ident(offer_id, path, "offer id")
             offers[offer_id] = self.offer(offer_id, body, path, advertisers)
+        for adv_id, adv in advertisers.items():
+            offer_id = adv.defaults.get("offer_id")
+            if offer_id is not None:
+                offer = offers.get(offer_id)
+                if offer is None or offer.advertiser_id != adv_id:
+                    raise self.fail(_join(_join("advertisers", adv_id), "defaults"),
+                                    f"default offer_id {offer_id!r} is not an offer of this advertiser")
         return PartnerConfig(ingest_bulk_token=bulk_token, advertisers=advertisers, offers=offers)
 
     def ingest(self, value: Any) -> str | None:
@@ -558,9 +600,35 @@ class _Reader:
             return None
         return self.secret(table["bulk_token"], "ingest.bulk_token", "bulk_token")
 
+    def with_preset(self, t: dict[str, Any], path: str) -> tuple[dict[str, Any], frozenset[str]]:
+        """The advertiser table with its preset's keys filled in, and the alias sources the preset gave.
+
+        Keys written in the table win: whole keys, and single entries of the four maps.
+        """
+        if "preset" not in t:
+            return t, frozenset()
+        from postback.presets import PRESETS
+
+        p = _join(path, "preset")
+        name = self.string(t["preset"], p)
+        preset = PRESETS.get(name)
+        if preset is None:
+            hint = difflib.get_close_matches(name, list(PRESETS), n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise self.fail(p, f"unknown preset {name!r}{did_you_mean}; known: {', '.join(PRESETS)}")
+        merged: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in preset.items() if k not in _MAP_KEYS}
+        merged.update(t)
+        for key in _MAP_KEYS:
+            if key in preset or key in t:
+                merged[key] = {**preset.get(key, {}), **self.table(t.get(key, {}), _join(path, key))}
+        own_aliases = self.table(t.get("aliases", {}), _join(path, "aliases"))
+        return merged, frozenset(k for k in preset.get("aliases", {}) if k not in own_aliases)
+
     def advertiser(self, adv_id: str, value: Any, path: str) -> Advertiser:
         t = self.table(value, path)
         self.check_keys(t, path, _ADVERTISER_KEYS)
+        t, preset_aliases = self.with_preset(t, path)
 
         p = _join(path, "auth_modes")
         modes = self.string_list(t.get("auth_modes", ["hmac"]), p)
@@ -600,6 +668,17 @@ class _Reader:
         elif token_mode:
             raise self.fail(p, "required when 'token' is in auth_modes")
 
+        p = _join(path, "token_header")
+        token_header: str | None = None
+        if "token_header" in t:
+            token_header = self.string(t["token_header"], p)
+            if not token_mode:
+                raise self.fail(p, "given but 'token' is not in auth_modes, so no token is read from it")
+            if not _HEADER_RE.fullmatch(token_header):
+                raise self.fail(p, f"{token_header!r} is not a header name: must match ^[A-Za-z0-9][A-Za-z0-9-]{{0,63}}$")
+            if token_header.lower() in _RESERVED_HEADERS:
+                raise self.fail(p, f"{token_header!r} has another meaning; choose another header name")
+
         p = _join(path, "allow_ips")
         networks: list[IPNetwork] = []
         for entry in self.string_list(t.get("allow_ips", []), p):
@@ -611,12 +690,7 @@ class _Reader:
         tolerance = self.integer(t.get("timestamp_tolerance_s", DEFAULT_TIMESTAMP_TOLERANCE_S),
                                  _join(path, "timestamp_tolerance_s"), 1, 86_400)
 
-        p = _join(path, "aliases")
-        aliases = self.string_map(t.get("aliases", {}), p)
-        for src, dst in aliases.items():
-            if not _PARAM_RE.fullmatch(dst):
-                raise self.fail(p, f"alias target {dst!r} (for {src!r}) is not a parameter name: "
-                                   "must match ^[a-z][a-z0-9_]{0,63}$")
+        aliases = self.aliases(t.get("aliases", {}), _join(path, "aliases"), modes, preset_aliases)
 
         p = _join(path, "event_map")
         event_map = self.string_map(t.get("event_map", {}), p)
@@ -640,12 +714,56 @@ class _Reader:
         if len(set(one_time)) != len(one_time):
             raise self.fail(p, "lists an event more than once")
 
-        return Advertiser(
+        adv = Advertiser(
             advertiser_id=adv_id, auth_modes=tuple(modes), secrets=secrets,
             default_key_id=default_kid, token=token, allow_ips=tuple(networks),
             timestamp_tolerance_s=tolerance, aliases=aliases, event_map=event_map,
             status_map=status_map, dedupe_horizon_days=horizon, one_time_events=tuple(one_time),
+            token_header=token_header, preset=t.get("preset"),
         )
+        defaults = self.defaults(t.get("defaults", {}), _join(path, "defaults"), adv)
+        return replace(adv, defaults=defaults)
+
+    def aliases(self, value: Any, p: str, modes: Sequence[str], from_preset: frozenset[str]) -> dict[str, str]:
+        """Checked aliases; every one must be able to take effect (see the module docstring)."""
+        aliases = self.string_map(value, p)
+        out: dict[str, str] = {}
+        for src, dst in aliases.items():
+            if not _PARAM_RE.fullmatch(dst):
+                raise self.fail(p, f"alias target {dst!r} (for {src!r}) is not a parameter name: "
+                                   "must match ^[a-z][a-z0-9_]{0,63}$")
+            mode = _AUTH_TARGETS.get(dst)
+            if mode is not None and mode not in modes:
+                if src in from_preset:  # the preset's auth parameter, for a mode this advertiser does not use
+                    continue
+                raise self.fail(p, f"alias {src!r} -> {dst!r} can have no effect: {dst} is only read in "
+                                   f"{mode!r} mode, which is not in auth_modes")
+            if src == dst:
+                raise self.fail(p, f"alias {src!r} -> {dst!r} maps a name to itself; remove it")
+            if "advertiser_id" in (src, dst):
+                raise self.fail(p, f"alias {src!r} -> {dst!r} can have no effect: advertiser_id is read "
+                                   "literally, before aliases apply (it selects the advertiser whose aliases "
+                                   "apply); send advertiser_id as it is")
+            out[src] = dst
+        return out
+
+    def defaults(self, value: Any, p: str, adv: Advertiser) -> dict[str, str]:
+        """Checked defaults: only canonical names that take a default, each value as a sent one would be."""
+        from postback.partner_view import DEFAULTABLE_PARAMS
+
+        defaults = self.string_map(value, p)
+        for name, val in defaults.items():
+            if name not in DEFAULTABLE_PARAMS:
+                raise self.fail(p, f"no default can be given for {name!r}; allowed: {', '.join(DEFAULTABLE_PARAMS)}")
+            if not val.strip():
+                raise self.fail(p, f"default {name} is blank")
+            if name == "event" and adv.map_event(val) is None:
+                raise self.fail(p, f"default event {val!r} is neither canonical nor in event_map")
+            if name == "status" and adv.map_status(val) is None:
+                raise self.fail(p, f"default status {val!r} is neither a status nor in status_map")
+            if name == "currency" and not _CURRENCY_RE.fullmatch(val):
+                raise self.fail(p, f"default currency {val!r} is not an upper-case ISO 4217 code")
+        return defaults
 
     def offer(self, offer_id: str, value: Any, path: str,
               advertisers: Mapping[str, Advertiser]) -> Offer:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from postback.partner_view import order_key
 from postback.partners import Advertiser
 from processors.normalize import Normalized
 
@@ -36,14 +37,11 @@ MAX_REPLAYS = 16
 
 
 def dedupe_key(n: Normalized, adv: Advertiser, replay_key: str) -> tuple[str, str]:
-    """(key, kind) where kind is `order`, `one_time` or `request`."""
-    if n.order_id:
-        parts, kind = [n.advertiser_id, n.event, n.order_id] + ([n.period] if n.period else []), "order"
-    elif n.click_id and n.event in adv.one_time_events:
-        parts, kind = [n.advertiser_id, n.event, "click", n.click_id], "one_time"
-    else:
-        parts, kind = [n.advertiser_id, "sig", replay_key], "request"
-    return "|".join(quote(p, safe="") for p in parts), kind
+    """(key, kind) where kind is `order`, `one_time` or `request` (`postback.partner_view.order_key`)."""
+    found = order_key(n.advertiser_id, n.event, n.order_id, n.period, n.click_id, adv.one_time_events)
+    if found is not None:
+        return found
+    return "|".join(quote(p, safe="") for p in (n.advertiser_id, "sig", replay_key)), "request"
 
 
 def conversion_id(key: str) -> str:
@@ -107,24 +105,47 @@ def replayed_duplicate(seen: list[Any] | None, receipt_id: str) -> Decision | No
     return None
 
 
+def _newer(entry: dict[str, Any], received_at_ms: int, event_time_ms: int | None) -> bool:
+    """Whether an update happened after the one that set the entry's current status.
+
+    By the advertiser's event time when both updates carry one and they differ, else by
+    the ingester's receipt time; a tie goes to the update processed later. Entries
+    written before this rule have no `r`: their first receipt time stands in.
+    """
+    current_event = entry.get("e")
+    if event_time_ms is not None and current_event is not None and event_time_ms != current_event:
+        return event_time_ms > int(current_event)
+    return received_at_ms >= int(entry.get("r", entry["t"]))
+
+
 def decide(entry: dict[str, Any] | None, kind: str, receipt_id: str, status: str, received_at_ms: int,
-           horizon_ms: int) -> tuple[Decision, dict[str, Any] | None]:
-    """The outcome for one receipt under its dedupe key, and the entry to store (None: unchanged)."""
+           horizon_ms: int, event_time_ms: int | None = None) -> tuple[Decision, dict[str, Any] | None]:
+    """The outcome for one receipt under its dedupe key, and the entry to store (None: unchanged).
+
+    An order's final status follows the order in which its updates happened, not the
+    order in which they are processed: an update older than the one behind the current
+    status (`_newer`) changes nothing and is a `superseded` duplicate. So a repartition,
+    a rebalance or a raw record keyed by receipt id can never leave an order `approved`
+    after its `rejected`.
+    """
     if entry is not None and receipt_id in entry["receipts"]:
         version = entry["receipts"][receipt_id]
         return Decision("conversion", version=version, first_receipt=entry["first"]), None
     if _expired(entry, received_at_ms, horizon_ms):
-        new = {"first": receipt_id, "status": status, "version": 1, "t": received_at_ms,
-               "receipts": {receipt_id: 1}}
+        new = {"first": receipt_id, "status": status, "version": 1, "t": received_at_ms, "r": received_at_ms,
+               "e": event_time_ms, "receipts": {receipt_id: 1}}
         return Decision("conversion", version=1, first_receipt=receipt_id), new
     assert entry is not None
     if status != entry["status"]:
+        if not _newer(entry, received_at_ms, event_time_ms):
+            return Decision("duplicate", first_receipt=entry["first"], reason="superseded"), None
         version = int(entry["version"]) + 1
         receipts = dict(entry["receipts"])
         receipts[receipt_id] = version
         if len(receipts) > MAX_RECEIPTS:
             receipts.pop(next(iter(receipts)))
-        updated = dict(entry, status=status, version=version, receipts=receipts)
+        updated = dict(entry, status=status, version=version, receipts=receipts, r=received_at_ms,
+                       e=event_time_ms)
         return Decision("conversion", version=version, first_receipt=entry["first"],
                         previous_status=entry["status"]), updated
     reason = {"order": "order_repeat", "one_time": "one_time_event_repeat"}.get(kind, "retry")

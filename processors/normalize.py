@@ -1,6 +1,7 @@
 """Turn an authenticated postback's parameters into canonical fields, or say precisely why not.
 
-Runs after signature verification (aliases never affect what was signed). Money is
+Runs after signature verification (aliases never affect what was signed). Reads the
+advertiser's aliased view with its defaults (`postback.partner_view`), as the ingester does. Money is
 `Decimal` end to end: amounts are parsed from their decimal text, never through float,
 and limited to what `Decimal(18, 6)` holds. The result is a pure function of the
 parameters and the advertiser's configuration, so reprocessing is deterministic.
@@ -13,13 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from postback.partner_view import AUTH_PARAMS, CORE_PARAMS, read
 from postback.partners import Advertiser
 
-#: Parameters that authenticate a request and are not part of the conversion.
-AUTH_PARAMS = frozenset({"ts", "sig", "kid", "token"})
-#: Canonical parameters; everything else is kept as extras.
-CORE_PARAMS = frozenset({"advertiser_id", "event", "click_id", "order_id", "amount", "currency", "status",
-                         "event_time", "customer_id", "period", "offer_id"})
 #: Events that reverse money: their amount counts negatively (`sign = -1`).
 REVERSAL_EVENTS = frozenset({"refund", "chargeback"})
 
@@ -81,15 +78,12 @@ def parse_event_time(text: str) -> int:
 
 
 def _canonical_params(params: list[tuple[str, str]], adv: Advertiser) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for raw_key, value in params:
-        key = adv.canonical_name(raw_key)
-        if key in AUTH_PARAMS:
-            continue
-        if key in fields and key in CORE_PARAMS:
-            raise Invalid("invalid_field", f"{key}: given more than once (after alias mapping)")
-        fields.setdefault(key, value)
-    return fields
+    """The advertiser's aliased view (the same one the ingester and the verifier read), without auth parameters."""
+    view = read(params, adv)
+    repeated = [name for name in view.repeated if name in CORE_PARAMS]
+    if repeated:
+        raise Invalid("invalid_field", f"{repeated[0]}: given more than once (after alias mapping)")
+    return {k: v for k, v in view.fields.items() if k not in AUTH_PARAMS}
 
 
 def _optional_id(fields: dict[str, str], name: str) -> str | None:

@@ -91,7 +91,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, unquote_to_bytes
@@ -170,14 +170,16 @@ def _encode(s: str) -> str:
     return quote(s, safe=_UNRESERVED, encoding="utf-8", errors="strict")
 
 
-def canonical_query(params: Iterable[tuple[str, str]]) -> str:
+def canonical_query(params: Iterable[tuple[str, str]], unsigned: Container[str] = ("sig",)) -> str:
     """The string a query/form signature covers.
 
-    Every parameter except ``sig``, as sent; key and value UTF-8 percent-encoded per RFC
-    3986 (only ``A-Z a-z 0-9 - _ . ~`` left as they are); pairs sorted by encoded key,
-    then encoded value; joined as ``k=v`` with ``&``. Duplicates are kept.
+    Every parameter except the signature itself (``sig``, or the names in ``unsigned``:
+    an advertiser's alias for ``sig``), under the names and with the values as sent;
+    key and value UTF-8 percent-encoded per RFC 3986 (only ``A-Z a-z 0-9 - _ . ~``
+    left as they are); pairs sorted by encoded key, then encoded value; joined as
+    ``k=v`` with ``&``. Duplicates are kept.
     """
-    pairs = sorted((_encode(k), _encode(v)) for k, v in params if k != "sig")
+    pairs = sorted((_encode(k), _encode(v)) for k, v in params if k not in unsigned)
     return "&".join(f"{k}={v}" for k, v in pairs)
 
 
@@ -367,10 +369,22 @@ def authenticate(
             return _failed("invalid_field", f"header {name} was given twice with different values")
         hdrs[low] = value
     pairs = [(k, v) for k, v in params]
-    counts = {name: 0 for name in _AUTH_PARAMS}
-    for k, _ in pairs:
-        if k in counts:
-            counts[k] += 1
+    # Auth parameters are found under the advertiser's aliases (``secure`` -> token, ...);
+    # what is signed stays the parameters exactly as sent.
+    auth: dict[str, list[str]] = {name: [] for name in _AUTH_PARAMS}
+    sent_as: dict[str, str] = {}
+    for k, v in pairs:
+        name = adv.canonical_name(k)
+        if name in auth:
+            auth[name].append(v)
+            sent_as.setdefault(name, k)
+    counts = {name: len(values) for name, values in auth.items()}
+    header_token = hdrs.get(adv.token_header.lower()) if adv.token_header else None
+    if header_token is not None:
+        auth["token"].append(header_token)
+        counts["token"] += 1
+        sent_as.setdefault("token", f"header {adv.token_header}")
+    unsigned = {k for k, _ in pairs if adv.canonical_name(k) == "sig"}
 
     # 2. mode
     sig_header = hdrs.get(SIGNATURE_HEADER.lower())
@@ -381,7 +395,11 @@ def authenticate(
     elif counts["token"]:
         mode = "token"
     else:
-        return _failed("missing_signature", f"no {SIGNATURE_HEADER} header, sig parameter or token parameter")
+        names = sorted({f"{k} (alias of {adv.aliases[k]})" for k in adv.aliases if adv.aliases[k] in ("sig", "token")})
+        also = f" ({', '.join(names)})" if names else ""
+        header = f", {adv.token_header} header" if adv.token_header else ""
+        return _failed("missing_signature",
+                       f"no {SIGNATURE_HEADER} header, sig parameter or token parameter{header}{also}")
     wanted = "token" if mode == "token" else "hmac"
     if wanted not in adv.auth_modes:
         how = {"header": f"an {SIGNATURE_HEADER} header", "query": "a sig parameter",
@@ -393,7 +411,8 @@ def authenticate(
     if mode != "header":
         for name in (("ts", "kid", "sig") if mode == "query" else ("ts", "token")):
             if counts[name] > 1:
-                return _failed("invalid_field", f"parameter {name} was sent {counts[name]} times; send it once")
+                return _failed("invalid_field", f"parameter {name} (under its own name or an alias, or as a "
+                                                f"header) was sent {counts[name]} times; send it once")
 
     # 3. coverage
     if mode == "query" and is_json_content_type(content_type):
@@ -415,8 +434,8 @@ def authenticate(
         checked = _timestamp(None if raw_ts is None else raw_ts.strip(" \t"), f"header {TIMESTAMP_HEADER}",
                              adv, received_at_ms)
     elif mode == "query" or counts["ts"]:
-        raw_ts = next((v for k, v in pairs if k == "ts"), None)
-        checked = _timestamp(raw_ts, "parameter ts", adv, received_at_ms)
+        raw_ts = auth["ts"][0] if auth["ts"] else None
+        checked = _timestamp(raw_ts, f"parameter {sent_as.get('ts', 'ts')}", adv, received_at_ms)
     else:
         checked = ""
     if isinstance(checked, AuthFailed):
@@ -424,13 +443,13 @@ def authenticate(
 
     # token mode: 5-7
     if mode == "token":
-        token = next(v for k, v in pairs if k == "token")
+        token = auth["token"][0]
         ok = hmac.compare_digest(token.encode("utf-8", "surrogatepass"),
                                  (adv.token or "").encode("utf-8", "surrogatepass"))
         if not ok or adv.token is None:
-            return _failed("bad_signature", "the token does not match this advertiser's token")
+            return _failed("bad_signature", f"the token ({sent_as['token']}) does not match this advertiser's token")
         try:
-            canonical = canonical_query(pairs)
+            canonical = canonical_query(pairs, unsigned)
         except UnicodeEncodeError:
             return _failed("invalid_field", "a parameter is not valid UTF-8")
         return AuthOk("token", None, _sha256_hex(canonical.encode("ascii")))
@@ -441,8 +460,8 @@ def authenticate(
         kid = None if raw_kid is None else raw_kid.strip(" \t")
         kid_where = f"header {KEY_ID_HEADER}"
     else:
-        kid = next((v for k, v in pairs if k == "kid"), None)
-        kid_where = "parameter kid"
+        kid = auth["kid"][0] if auth["kid"] else None
+        kid_where = f"parameter {sent_as.get('kid', 'kid')}"
     if kid is not None:
         secret = adv.secrets.get(kid)
         if secret is None:
@@ -471,13 +490,13 @@ def authenticate(
         message = _json_message(checked, body)
         shown = ""
     else:
-        sig = next(v for k, v in pairs if k == "sig")
+        sig = auth["sig"][0]
         if not _HEX64_RE.fullmatch(sig):
-            return _failed("bad_signature", "parameter sig must be 64 hexadecimal digits "
+            return _failed("bad_signature", f"parameter {sent_as['sig']} must be 64 hexadecimal digits "
                                             "(HMAC-SHA256 of the canonical string, in hex)")
         presented = [sig.lower()]
         try:
-            canonical = canonical_query(pairs)
+            canonical = canonical_query(pairs, unsigned)
         except UnicodeEncodeError:
             return _failed("invalid_field", "a parameter is not valid UTF-8")
         message = canonical.encode("ascii")

@@ -111,7 +111,7 @@ def dedupe(msg: dict[str, Any], table: MutableMapping[str, Any], partition: int,
     if retry is not None:
         return _duplicate(msg, retry.first_receipt, retry.reason, now_ms)
     decision, updated = decide(entry, msg["kind"], msg["receipt_id"], msg["status"], msg["received_at_ms"],
-                               msg["horizon_ms"])
+                               msg["horizon_ms"], msg["event_time_ms"])
     own = seen is not None and seen[0] == msg["receipt_id"]  # this receipt, processed again after a crash
     if updated is not None or not own:
         base = updated if updated is not None else entry

@@ -36,7 +36,7 @@ from functools import cache
 from typing import Any
 
 from fastavro.repository import AbstractSchemaRepository, SchemaRepositoryError
-from fastavro.schema import UnknownType, fingerprint, load_schema, to_parsing_canonical_form
+from fastavro.schema import UnknownType, fingerprint, load_schema, parse_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 from schemas import SCHEMA_DIR
@@ -137,7 +137,8 @@ class Codec:
     (8 bytes, CRC-64-AVRO little-endian, as on the wire).
     """
 
-    __slots__ = ("name", "schema", "canonical_form", "fingerprint", "_reader_schema", "_header", "_write", "_read")
+    __slots__ = ("name", "schema", "canonical_form", "fingerprint", "earlier_fingerprints", "_reader_schema",
+                 "_header", "_write", "_read")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -150,6 +151,8 @@ class Codec:
         # fastavro returns the 8 fingerprint bytes in little-endian order, as hex.
         self.fingerprint: bytes = bytes.fromhex(fingerprint(self.canonical_form, "CRC-64-AVRO"))
         self._header = MARKER + self.fingerprint
+        #: Fingerprints of this schema's earlier versions (``schemas/history``) whose bodies it reads unchanged.
+        self.earlier_fingerprints: frozenset[bytes] = frozenset(_earlier_fingerprints(name))
         # Byte-identical to fastavro's schemaless_writer, ~4x faster (schemas/fastwriter.py).
         self._write = compile_writer(self.schema, prefix=self._header)
         # Same records as fastavro's schemaless_reader, ~1.8x faster (schemas/fastreader.py).
@@ -189,7 +192,7 @@ class Codec:
         Raises ``BadMarker``, ``SchemaMismatch`` (another of our schemas),
         ``UnknownFingerprint``, or ``CodecError`` for a corrupt or over-long body.
         """
-        if not data.startswith(self._header):
+        if not data.startswith(self._header) and bytes(data[2:HEADER_LEN]) not in self.earlier_fingerprints:
             _check_header(data)  # raises the precise error
             other = _by_fingerprint()[data[2:HEADER_LEN]].name
             raise SchemaMismatch(f"expected a {self.name} message, got a {other} message")
@@ -244,4 +247,25 @@ def _codec(name: str) -> Codec:
 
 @cache
 def _by_fingerprint() -> dict[bytes, Codec]:
-    return {codec.fingerprint: codec for codec in map(_codec, schema_names())}
+    found: dict[bytes, Codec] = {}
+    for codec in map(_codec, schema_names()):
+        found[codec.fingerprint] = codec
+        found.update(dict.fromkeys(codec.earlier_fingerprints, codec))
+    return found
+
+
+def _earlier_fingerprints(name: str) -> list[bytes]:
+    """Fingerprints of ``schemas/history/<name>.<n>.avsc``: earlier versions of a schema.
+
+    Why: a message keeps its writer's fingerprint for as long as the topic keeps it, so
+    after a compatible change (an enum symbol appended) records written before an
+    upgrade must still decode. Only versions whose binary encoding the current schema
+    reads unchanged belong there; ``tests/schemas/test_codec.py`` checks that each one
+    does, by decoding a record written with it. History files are self-contained (every
+    named type written out).
+    """
+    out = []
+    for path in sorted((SCHEMA_DIR / "history").glob(f"{name}.*.avsc")):
+        schema = parse_schema(json.loads(path.read_text(encoding="utf-8")), named_schemas={})
+        out.append(bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")))
+    return out

@@ -177,7 +177,8 @@ def test_json_limits() -> None:
 # -- postbacks ------------------------------------------------------------------------------
 def test_check_postback_accepts_a_good_postback() -> None:
     params = [("advertiser_id", "adv1"), ("event", "sale"), ("click_id", "01HX-abc_9"), ("x", "1"), ("x", "2")]
-    assert check_postback(params) is None
+    view = check_postback(params)
+    assert (view.fields["event"], view.fields["x"], view.repeated) == ("sale", "1", ())
     assert first(params, "x") == "1"
     assert first(params, "nope") is None
 

@@ -352,3 +352,27 @@ def test_codec_is_shared_and_fingerprints_are_distinct():
 def test_unknown_schema_name():
     with pytest.raises(CodecError, match="Nope"):
         Codec.for_record("Nope")
+
+
+def test_a_duplicate_written_before_the_superseded_reason_still_decodes() -> None:
+    """Records on the topics keep their writer's fingerprint: the schema before `superseded` was appended."""
+    import io
+
+    import fastavro
+
+    from schemas import SCHEMA_DIR
+
+    old = fastavro.parse_schema(json.loads((SCHEMA_DIR / "history" / "Duplicate.1.avsc").read_text()))
+    codec = Codec.for_record("Duplicate")
+    old_fingerprint = bytes.fromhex(fastavro.schema.fingerprint(
+        fastavro.schema.to_parsing_canonical_form(old), "CRC-64-AVRO"))
+    assert old_fingerprint != codec.fingerprint and old_fingerprint in codec.earlier_fingerprints
+    record = {"receipt_id": "r1", "first_receipt_id": "r0", "received_at_ms": 1_767_225_600_000,
+              "processed_at_ms": 1_767_225_600_500, "advertiser_id": "acme", "event": "purchase",
+              "order_id": "o-1", "dedupe_key": "acme|purchase|o-1", "reason": "one_time_event_repeat"}
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, old, record)
+    message = b"\xc3\x01" + old_fingerprint + body.getvalue()
+    assert codec.decode(message) == record
+    assert decode_any(message) == ("Duplicate", record)
+    assert codec.decode(codec.encode(dict(record, reason="superseded")))["reason"] == "superseded"
