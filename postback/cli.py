@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     sinks_cli.register_trace(sub)
     run.register(sub)
     demo.register(sub)
+    from app import partners_cli
+
+    partners_cli.register(sub)
     return parser
 
 
