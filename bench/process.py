@@ -16,7 +16,7 @@ How:
    (`postback.kafka.producer_config`: murmur2_random, so partitions match the ingester's
    and faust's), and flushed:
    - clicks for every `valid` postback (so the click precedes its conversion),
-   - N raw postbacks as the ingester writes them (POST form body, keyed by click_id),
+   - N raw postbacks as the ingester writes them (POST form body, keyed by the order),
      shuffled, with the `--mix` of kinds:
        valid          a purchase with a unique order id, HMAC query-signed (ts, kid, sig);
        duplicate      a repeat of an earlier valid order, re-signed later (another ts, so
@@ -123,6 +123,7 @@ from bench.common import (  # noqa: E402
 from deploy.procs import free_port, tail  # noqa: E402
 from deploy.providers import KafkaService, unique_name  # noqa: E402
 from postback.config import Settings  # noqa: E402
+from postback.partner_view import order_key  # noqa: E402
 from postback.topics import Topics, ensure_topics  # noqa: E402
 
 FORWARDER = BENCH_DIR / "bare_forwarder.py"
@@ -238,7 +239,8 @@ def build_workload(n: int, mix: dict[str, float], seed: int, tag: str) -> Worklo
                   "params": [{"key": k, "value": v} for k, v in params], "body": body, "headers": [],
                   "ingester_id": "bench"}
         value = raw_codec.encode(record)
-        work.raw.append((click_id.encode(), value))  # keyed by click_id, as the ingester does
+        key, _kind = order_key(ADVERTISER, "purchase", order_id, None, click_id, ())  # as the ingester keys it
+        work.raw.append((key.encode(), value))
         work.raw_bytes += len(value)
         work.kind_of[receipt] = kind
         if kind != "bad_signature":

@@ -172,8 +172,9 @@ _ADVERTISER_KEYS = (
     "timestamp_tolerance_s", "aliases", "event_map", "status_map", "defaults", "dedupe_horizon_days",
     "one_time_events",
 )
-#: Canonical names each auth mode reads; an alias to one of a mode not allowed has no effect.
-_AUTH_TARGETS = {"ts": "hmac", "kid": "hmac", "sig": "hmac", "token": "token"}
+#: Canonical names only one auth mode reads; an alias to one of a mode not allowed has no effect.
+#: ``ts`` is absent on purpose: token mode checks it too when it is sent (replay window).
+_AUTH_TARGETS = {"kid": "hmac", "sig": "hmac", "token": "token"}
 _HEADER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 _RESERVED_HEADERS = frozenset({"x-postback-timestamp", "x-postback-key-id", "x-postback-signature",
                                "user-agent", "content-type", "content-length", "host", "authorization"})

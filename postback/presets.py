@@ -42,8 +42,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
     "tune": {
         "auth_modes": ["token"],
+        # TUNE's offer_id is TUNE's offer, not ours: kept as an extra (ours comes from the click).
         "aliases": {"transaction_id": "click_id", "adv_sub": "order_id", "goal_id": "event",
-                    "security_token": "token"},
+                    "security_token": "token", "offer_id": "tune_offer_id"},
         "defaults": {"event": "purchase", "currency": "USD"},
     },
     "affise": {

@@ -50,7 +50,9 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
     # Outlives a 30-day attribution window, with slack to rebuild the click store.
     ("clicks", ("clicks", "click_id", 6, "Click", False, 35 * _DAY_MS)),
     # The replayable source of truth for everything downstream.
-    ("raw_postbacks", ("raw-postbacks", "click_id, or receipt_id when absent", 6, "RawPostback", False, 14 * _DAY_MS)),
+    # Keyed by the order (postback.partner_view.routing_key) so an order's updates stay in order.
+    ("raw_postbacks", ("raw-postbacks", "the order's dedupe key (aliases applied), else receipt_id", 6,
+                       "RawPostback", False, 14 * _DAY_MS)),
     # Latest version per conversion_id wins, as in the ReplacingMergeTree sink.
     ("conversions", ("conversions", "conversion_id", 6, "Conversion", True, None)),
     ("rejections", ("rejections", "receipt_id", 3, "Rejection", False, 30 * _DAY_MS)),

@@ -2,9 +2,10 @@
 
 Design (see docs/architecture.md):
 
-- Stage 1 `verify` consumes raw-postbacks (keyed by click_id) and either rejects or
-  forwards to the internal *dedupe* topic, on the partition of the dedupe key, so that
-  every repeat of an order meets its first occurrence on one partition and table shard.
+- Stage 1 `verify` consumes raw-postbacks (keyed by the order at ingest, so an order's
+  updates are verified in the order received) and either rejects or forwards to the
+  internal *dedupe* topic, on the partition of the dedupe key, so that every repeat of
+  an order meets its first occurrence on one partition and table shard.
 - Stage 2 `dedupe` keeps the `dedupe` table (retries, orders, one-time events) and
   forwards new conversions and updates to the internal *attribute* topic, on the
   partition of the click_id.

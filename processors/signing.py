@@ -33,6 +33,13 @@ Token (legacy, ``mode="token"``)
     Parameter ``token`` equal to the advertiser's shared token. It proves who sent the
     request, not what it says; advertisers should move to HMAC.
 
+Renamed auth parameters
+    ``ts``, ``kid``, ``sig`` and ``token`` are looked up under the advertiser's aliases
+    too (``postback.partner_view``), e.g. ``signature`` for ``sig``; each may be sent once
+    under one of its names. The canonical string still uses the names *as sent* and
+    leaves out ``sig`` and every alias of it. The token may also come in the
+    advertiser's ``token_header``. Details name the parameter as it was sent.
+
 Verification rules (:func:`authenticate`, in this order)
 =======================================================
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from postback.partner_view import read
 from postback.partners import PartnerConfig
 from processors.attribution import attribute
 from processors.dedupe import check_retry, conversion_id, decide, dedupe_key, remember_replay, replayed_duplicate
@@ -57,6 +58,7 @@ def verify(raw: dict[str, Any], partners: PartnerConfig, now_ms: int) -> Output:
     if adv is None:
         return rejection(raw, "unknown_advertiser", f"advertiser_id {str(advertiser_id)[:64]!r} is not configured",
                          now_ms, None, raw_event)
+    raw_event = read(params, adv).get("event")  # the advertiser's aliases and default, as normalise reads it
     headers = {kv["key"].lower(): kv["value"] for kv in raw["headers"]}
     auth = authenticate(adv, params, headers, raw["body"], raw["content_type"], raw["remote_ip"],
                         raw["received_at_ms"])

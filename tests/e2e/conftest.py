@@ -302,12 +302,12 @@ class Pipeline:
 
 
 def start_pipeline(tmp: Path, bootstrap: str, clickhouse_url: str, *extra: str,
-                   ready_timeout: float = READY_TIMEOUT_S) -> Pipeline:
+                   ready_timeout: float = READY_TIMEOUT_S, partners_toml: str = PARTNERS_TOML) -> Pipeline:
     """Start `postback run` on free ports and wait (bounded) until run.json says ready and lists its children."""
     tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     partners = tmp / "partners.toml"
-    partners.write_text(PARTNERS_TOML)
+    partners.write_text(partners_toml)
     prefix, database, port = unique_name("e2e"), unique_name("e2e"), free_port()
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, CLICKHOUSE_URL=clickhouse_url,
                POSTBACK_STATE_DIR=str(state), POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
@@ -338,9 +338,10 @@ def start_pipeline(tmp: Path, bootstrap: str, clickhouse_url: str, *extra: str,
 
 
 @contextlib.contextmanager
-def running_pipeline(tmp: Path, bootstrap: str, clickhouse_url: str, *extra: str) -> Iterator[Pipeline]:
+def running_pipeline(tmp: Path, bootstrap: str, clickhouse_url: str, *extra: str,
+                     partners_toml: str = PARTNERS_TOML) -> Iterator[Pipeline]:
     """A started pipeline; on leaving, SIGTERM it and fail on a non-zero exit or leftover processes."""
-    pipe = start_pipeline(tmp, bootstrap, clickhouse_url, *extra)
+    pipe = start_pipeline(tmp, bootstrap, clickhouse_url, *extra, partners_toml=partners_toml)
     try:
         yield pipe
     finally:

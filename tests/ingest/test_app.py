@@ -14,6 +14,7 @@ import urllib.parse
 import pytest
 
 from deploy.providers import KafkaService
+from postback.partner_view import order_key
 from schemas.codec import Codec
 
 from .conftest import BULK_TOKEN, IngesterProcess, http
@@ -70,7 +71,8 @@ def test_get_postback_is_recorded_as_sent(ingester: IngesterProcess, kafka: Kafk
     receipt = resp.json()["receipt_id"]
     msg, record = _find(kafka, ingester.topics.raw_postbacks.name, Codec.for_record("RawPostback"),
                         "receipt_id", receipt)
-    assert msg.key() == b"CLK1"
+    # Keyed by the order's dedupe key (aliases applied), so every update of o/1 shares a partition.
+    assert msg.key() == order_key("acme", "purchase", "o/1", None, "CLK1", ())[0].encode()
     assert [(p["key"], p["value"]) for p in record["params"]] == [
         ("advertiser_id", "acme"), ("event", "purchase"), ("click_id", "CLK1"), ("order_id", "o/1"),
         ("amount", "19.990"), ("currency", "USD"), ("x", "2"), ("x", "1")]

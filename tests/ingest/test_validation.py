@@ -13,6 +13,7 @@ from ingest.validation import (
     CLICK_FIELDS, MAX_ERRORS, REASONS, ClickInput, FieldError, Limits, RejectedInput, check_postback,
     click_from_json, click_from_params, first, parse_bulk_clicks, parse_json_object, parse_urlencoded,
 )
+from postback.partners import Advertiser, parse_partner_config
 
 
 def reasons(fn: Callable[[], object]) -> list[tuple[str, str]]:
@@ -193,6 +194,53 @@ def test_check_postback_collects_every_problem() -> None:
         ("click_id", "invalid_click_id")]
     assert reasons(lambda: check_postback([("advertiser_id", "a"), ("event", "e"), ("click_id", "abc\n")])) == [
         ("click_id", "invalid_click_id")]
+
+
+def _advertiser(body: str) -> Advertiser:
+    return parse_partner_config(f'[advertisers.a]\nauth_modes = ["token"]\ntoken = "{"t" * 16}"\n{body}\n',
+                                "validation-test.toml").advertisers["a"]
+
+
+def test_aliased_event_is_accepted_at_the_door() -> None:
+    """Regression: an event sent under its alias was refused as missing before aliases were read here."""
+    aliased = _advertiser('aliases = { et = "event" }')
+    params = [("advertiser_id", "a"), ("et", "sale"), ("order_id", "O1")]
+    view = check_postback(params, aliased)
+    assert (view.get("event"), view.sent_as["event"], view.repeated) == ("sale", "et", ())
+    assert reasons(lambda: check_postback(params, _advertiser(""))) == [("event", "missing")]
+    assert reasons(lambda: check_postback(params)) == [("event", "missing")]
+    assert reasons(lambda: check_postback([("advertiser_id", "a"), ("et", " ")], aliased)) == [("event", "empty")]
+
+
+def test_default_event_makes_event_optional() -> None:
+    adv = _advertiser('defaults = { event = "purchase" }')
+    view = check_postback([("advertiser_id", "a"), ("order_id", "O1")], adv)
+    assert (view.get("event"), view.sent_as["event"]) == ("purchase", "(default)")
+    blank = check_postback([("advertiser_id", "a"), ("event", "")], adv)
+    assert (blank.get("event"), blank.sent_as["event"]) == ("purchase", "(default)")
+    sent = check_postback([("advertiser_id", "a"), ("event", "lead")], adv)
+    assert (sent.get("event"), sent.sent_as["event"]) == ("lead", "event")
+    # The default never stands in for advertiser_id, which is required as sent.
+    assert reasons(lambda: check_postback([("event", "lead")], adv)) == [("advertiser_id", "missing")]
+
+
+def test_duplicates_are_counted_after_aliases() -> None:
+    adv = _advertiser('aliases = { et = "event", clickid = "click_id", secure = "token" }')
+    assert reasons(lambda: check_postback([("advertiser_id", "a"), ("et", "sale"), ("event", "sale")], adv)) == [
+        ("event", "duplicate")]
+    assert reasons(lambda: check_postback([("advertiser_id", "a"), ("event", "sale"), ("secure", "x"),
+                                           ("token", "y")], adv)) == [("token", "duplicate")]
+    # Without the alias, `et` is just an extra parameter.
+    assert check_postback([("advertiser_id", "a"), ("et", "sale"), ("event", "sale")]).repeated == ()
+
+
+def test_click_id_format_is_checked_on_the_aliased_click_id() -> None:
+    adv = _advertiser('aliases = { clickid = "click_id" }')
+    assert reasons(lambda: check_postback([("advertiser_id", "a"), ("event", "e"), ("clickid", "x y")], adv)) == [
+        ("click_id", "invalid_click_id")]
+    assert check_postback([("advertiser_id", "a"), ("event", "e"), ("clickid", "01HX-abc_9")], adv).get(
+        "click_id") == "01HX-abc_9"
+    assert check_postback([("advertiser_id", "a"), ("event", "e"), ("clickid", "x y")]).get("clickid") == "x y"
 
 
 # -- clicks ---------------------------------------------------------------------------------

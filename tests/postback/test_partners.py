@@ -347,3 +347,132 @@ def test_window_ms_defaults_and_overrides() -> None:
     assert o.window_ms("lead") == 14 * DAY_MS
     assert o.window_ms("purchase") == 30 * DAY_MS and o.window_ms("renewal") == 400 * DAY_MS
     assert o.window_ms("custom:vip") == 2 * DAY_MS and o.window_days("renewal") == 400
+
+
+# ----------------------------------------------------------------- aliases, defaults, token_header, presets
+
+TOKEN_MODE = f'auth_modes = ["token"]\ntoken = "{SECRET}"\n'
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('aliases = { adv = "advertiser_id" }',
+         "alias 'adv' -> 'advertiser_id' can have no effect: advertiser_id is read literally"),
+        ('aliases = { advertiser_id = "customer_id" }',
+         "alias 'advertiser_id' -> 'customer_id' can have no effect: advertiser_id is read literally"),
+        ('aliases = { event = "event" }', "alias 'event' -> 'event' maps a name to itself; remove it"),
+        ('aliases = { secure = "token" }',
+         "alias 'secure' -> 'token' can have no effect: token is only read in 'token' mode, "
+         "which is not in auth_modes"),
+        (TOKEN_MODE + 'aliases = { signature = "sig" }',
+         "alias 'signature' -> 'sig' can have no effect: sig is only read in 'hmac' mode"),
+        (TOKEN_MODE + 'aliases = { key = "kid" }',
+         "alias 'key' -> 'kid' can have no effect: kid is only read in 'hmac' mode"),
+        ('aliases = { txid = "order_id", "" = "click_id" }', "keys may not be empty"),
+    ],
+)
+def test_alias_errors(body: str, fragment: str) -> None:
+    e = error(adv(body))
+    assert (e.source, e.path) == ("test.toml", "advertisers.acme.aliases")
+    assert str(e).startswith("test.toml: advertisers.acme.aliases: ")
+    assert fragment in e.problem
+
+
+def test_aliases_to_auth_parameters_of_allowed_modes_load() -> None:
+    a = parse(adv(f'auth_modes = ["hmac", "token"]\nsecrets = {{ k1 = "{SECRET}" }}\ntoken = "{SECRET}"\n'
+                  'aliases = { signature = "sig", timestamp = "ts", key = "kid", secure = "token" }')
+              ).advertisers["acme"]
+    assert dict(a.aliases) == {"signature": "sig", "timestamp": "ts", "key": "kid", "secure": "token"}
+    assert a.canonical_name("secure") == "token" and a.canonical_name("advertiser_id") == "advertiser_id"
+
+
+def test_a_timestamp_alias_loads_for_token_only_advertisers() -> None:
+    """Token mode checks ts when it is sent (replay window), so an alias to ts takes effect there too."""
+    a = parse(adv(TOKEN_MODE + 'aliases = { timestamp = "ts", secure = "token" }')).advertisers["acme"]
+    assert a.canonical_name("timestamp") == "ts"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('defaults = { amount = "1" }',
+         "no default can be given for 'amount'; allowed: event, currency, status, offer_id"),
+        ('defaults = { click_id = "C1" }', "no default can be given for 'click_id'"),
+        ('defaults = { event = " " }', "default event is blank"),
+        ('defaults = { event = "sale" }', "default event 'sale' is neither canonical nor in event_map"),
+        ('defaults = { event = "Purchase" }', "default event 'Purchase' is neither canonical nor in event_map"),
+        ('defaults = { status = "ok" }', "default status 'ok' is neither a status nor in status_map"),
+        ('defaults = { status = "1" }', "default status '1' is neither a status nor in status_map"),
+        ('defaults = { currency = "usd" }', "default currency 'usd' is not an upper-case ISO 4217 code"),
+        ('defaults = { currency = "EURO" }', "default currency 'EURO' is not an upper-case ISO 4217 code"),
+        ('defaults = { currency = 978 }', "value of 'currency' must be a string"),
+        ("defaults = 1", "must be a table"),
+    ],
+)
+def test_defaults_errors(body: str, fragment: str) -> None:
+    e = error(adv(body))
+    assert (e.source, e.path) == ("test.toml", "advertisers.acme.defaults")
+    assert fragment in e.problem
+
+
+def test_defaults_checked_through_the_maps() -> None:
+    a = parse(adv('event_map = { sale = "purchase" }\nstatus_map = { "1" = "approved" }\n'
+                  'defaults = { event = "sale", status = "1", currency = "EUR" }')).advertisers["acme"]
+    assert dict(a.defaults) == {"event": "sale", "status": "1", "currency": "EUR"}
+    assert dict(parse(adv()).advertisers["acme"].defaults) == {}
+
+
+def test_default_offer_id_must_be_an_offer_of_this_advertiser() -> None:
+    two = adv() + adv(name="globex") + '[offers.g1]\nadvertiser_id = "globex"\n[offers.a1]\nadvertiser_id = "acme"\n'
+    ok = parse(two.replace("[advertisers.acme]\n", '[advertisers.acme]\ndefaults = { offer_id = "a1" }\n'))
+    assert ok.advertisers["acme"].defaults["offer_id"] == "a1"
+    for offer, where in (("g1", "of another advertiser"), ("nope", "unknown")):
+        e = error(two.replace("[advertisers.acme]\n", f'[advertisers.acme]\ndefaults = {{ offer_id = "{offer}" }}\n'))
+        assert e.path == "advertisers.acme.defaults", where
+        assert e.problem == f"default offer_id {offer!r} is not an offer of this advertiser", where
+
+
+def test_token_header() -> None:
+    a = parse(adv(TOKEN_MODE + 'token_header = "X-Postback-Token"')).advertisers["acme"]
+    assert a.token_header == "X-Postback-Token"
+    assert parse(adv()).advertisers["acme"].token_header is None
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('token_header = "X-Postback-Token"', "given but 'token' is not in auth_modes, so no token is read from it"),
+        (TOKEN_MODE + 'token_header = "X Token"', "'X Token' is not a header name"),
+        (TOKEN_MODE + 'token_header = "-X"', "'-X' is not a header name"),
+        (TOKEN_MODE + 'token_header = ""', "'' is not a header name"),
+        (TOKEN_MODE + 'token_header = "X-Postback-Signature"', "'X-Postback-Signature' has another meaning"),
+        (TOKEN_MODE + 'token_header = "x-postback-timestamp"', "'x-postback-timestamp' has another meaning"),
+        (TOKEN_MODE + 'token_header = "X-Postback-Key-Id"', "has another meaning"),
+        (TOKEN_MODE + 'token_header = "Authorization"', "'Authorization' has another meaning"),
+        (TOKEN_MODE + 'token_header = "HOST"', "'HOST' has another meaning"),
+        (TOKEN_MODE + "token_header = 1", "must be a string"),
+    ],
+)
+def test_token_header_errors(body: str, fragment: str) -> None:
+    e = error(adv(body))
+    assert (e.source, e.path) == ("test.toml", "advertisers.acme.token_header")
+    assert fragment in e.problem
+
+
+def test_unknown_preset_suggests_the_closest() -> None:
+    e = error(adv(f'preset = "keitero"\ntoken = "{SECRET}"'))
+    assert (e.source, e.path) == ("test.toml", "advertisers.acme.preset")
+    assert e.problem.startswith("unknown preset 'keitero' (did you mean 'keitaro'?); known: everflow, tune, affise")
+    far = error(adv('preset = "zzzzzz"'))
+    assert far.path == "advertisers.acme.preset" and "did you mean" not in far.problem
+    assert error(adv("preset = 3")).problem == "must be a string, got an integer"
+
+
+def test_preset_keys_are_checked_like_written_ones_and_errors_name_the_key() -> None:
+    e = error(f'[advertisers.acme]\npreset = "voluum"\ntoken = "{SECRET}"\nalias = {{ x = "event" }}\n')
+    assert e.path == "advertisers.acme" and "unknown key 'alias' (did you mean 'aliases'?)" in e.problem
+    e = error(f'[advertisers.acme]\npreset = "voluum"\ntoken = "{SECRET}"\naliases = {{ cid = "cid" }}\n')
+    assert e.path == "advertisers.acme.aliases" and "alias 'cid' -> 'cid' maps a name to itself" in e.problem
+    e = error(f'[advertisers.acme]\npreset = "voluum"\ntoken = "{SECRET}"\naliases = 1\n')
+    assert e.path == "advertisers.acme.aliases" and e.problem == "must be a table, got an integer"

@@ -49,7 +49,7 @@ def test_layout():
     layout = {s.name.removeprefix("postback."): (s.key, s.partitions, s.schema) for s in t.all()}
     assert layout == {
         "clicks": ("click_id", 6, "Click"),
-        "raw-postbacks": ("click_id, or receipt_id when absent", 6, "RawPostback"),
+        "raw-postbacks": ("the order's dedupe key (aliases applied), else receipt_id", 6, "RawPostback"),
         "conversions": ("conversion_id", 6, "Conversion"),
         "rejections": ("receipt_id", 3, "Rejection"),
         "duplicates": ("receipt_id", 3, "Duplicate"),

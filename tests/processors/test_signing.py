@@ -796,3 +796,135 @@ def test_cli_help_is_helpful() -> None:
     for word in ("--secret", "--secret-file", "--kid", "--ts", "--json-body", "--param", "--url",
                  "docs/signing.md", "X-Postback-Signature", "curl", "examples:"):
         assert word in text
+
+
+# --------------------------------------------------------------------------- auth parameters under aliases
+
+ALIAS_TOKEN = "aliased-token-0123456789"
+HEADER_TOKEN = "header-token-0123456789ab"
+RENAMED_SECRET = "renamed-test-secret-000000"
+ALIASED = parse_partner_config(f"""
+[advertisers.affiseish]
+auth_modes = ["token"]
+token = "{ALIAS_TOKEN}"
+aliases = {{ secure = "token", clickid = "click_id" }}
+
+[advertisers.headered]
+auth_modes = ["token"]
+token = "{HEADER_TOKEN}"
+token_header = "X-Postback-Token"
+
+[advertisers.tokents]
+auth_modes = ["token"]
+token = "{ALIAS_TOKEN}"
+aliases = {{ secure = "token", timestamp = "ts" }}
+
+[advertisers.renamed]
+secrets = {{ r1 = "{RENAMED_SECRET}", r2 = "{RENAMED_SECRET}-2" }}
+aliases = {{ signature = "sig", timestamp = "ts", key = "kid" }}
+""", "aliased-partners.toml")
+AFFISEISH = ALIASED.advertisers["affiseish"]
+HEADERED = ALIASED.advertisers["headered"]
+RENAMED = ALIASED.advertisers["renamed"]
+TOKENTS = ALIASED.advertisers["tokents"]
+
+
+def test_aliased_token_is_seen() -> None:
+    """Regression: a token sent under the advertiser's alias (`secure`) was never looked at."""
+    params = [("advertiser_id", "affiseish"), ("clickid", "C1"), ("secure", ALIAS_TOKEN)]
+    ok = assert_ok(auth(AFFISEISH, params), None, mode="token")
+    # What was verified is the parameters as sent, the aliased token name included.
+    assert ok.replay_key == hashlib.sha256(canonical_query(params).encode()).hexdigest()
+    assert "secure=" + ALIAS_TOKEN in canonical_query(params)
+
+    forged = assert_failed(auth(AFFISEISH, params[:-1] + [("secure", ALIAS_TOKEN[:-1] + "x")]), "bad_signature")
+    assert forged.detail == "the token (secure) does not match this advertiser's token"
+    assert ALIAS_TOKEN not in forged.detail
+
+    absent = assert_failed(auth(AFFISEISH, params[:-1]), "missing_signature")
+    assert "secure (alias of token)" in absent.detail
+    # The canonical name still works, and both at once is one token sent twice.
+    assert_ok(auth(AFFISEISH, params[:-1] + [("token", ALIAS_TOKEN)]), None, mode="token")
+    twice = assert_failed(auth(AFFISEISH, params + [("token", ALIAS_TOKEN)]), "invalid_field")
+    assert "sent 2 times" in twice.detail
+    # An advertiser without the alias reads `secure` as an ordinary parameter.
+    assert_failed(auth(LEGACY, [("secure", TOKEN)]), "missing_signature")
+
+
+def test_token_from_the_configured_header() -> None:
+    params = [("advertiser_id", "headered"), ("event", "lead")]
+    ok = assert_ok(auth(HEADERED, params, {"X-Postback-Token": HEADER_TOKEN}), None, mode="token")
+    assert ok.replay_key == hashlib.sha256(canonical_query(params).encode()).hexdigest()
+    assert_ok(auth(HEADERED, params, {"x-postback-token": HEADER_TOKEN}), None, mode="token")  # any case
+    assert_ok(auth(HEADERED, params + [("token", HEADER_TOKEN)]), None, mode="token")  # the parameter still works
+
+    forged = assert_failed(auth(HEADERED, params, {"X-Postback-Token": HEADER_TOKEN + "x"}), "bad_signature")
+    assert forged.detail == "the token (header X-Postback-Token) does not match this advertiser's token"
+
+    both = assert_failed(auth(HEADERED, params + [("token", HEADER_TOKEN)], {"X-Postback-Token": HEADER_TOKEN}),
+                         "invalid_field")
+    assert "token" in both.detail and "sent 2 times" in both.detail
+
+    absent = assert_failed(auth(HEADERED, params), "missing_signature")
+    assert "X-Postback-Token header" in absent.detail
+    # Another advertiser's token header means nothing.
+    assert_failed(auth(LEGACY, params, {"X-Postback-Token": TOKEN}), "missing_signature")
+
+
+def _renamed_signed(params: list[tuple[str, str]], secret: str = RENAMED_SECRET) -> list[tuple[str, str]]:
+    """What a partner does with renamed fields: sign every parameter it sends but the signature itself."""
+    signature = hmac.new(secret.encode(), canonical_query(params).encode(), hashlib.sha256).hexdigest()
+    return params + [("signature", signature)]
+
+
+def test_aliased_sig_ts_and_kid_with_query_signing() -> None:
+    params = [("advertiser_id", "renamed"), ("event", "purchase"), ("order_id", "R-1"),
+              ("timestamp", str(TS1)), ("key", "r1")]
+    signed = _renamed_signed(params)
+    canonical = canonical_query(params)
+    assert canonical == "advertiser_id=renamed&event=purchase&key=r1&order_id=R-1&timestamp=1767225600"
+    # The aliased signature name is left out; the aliased ts and kid are in, under the names sent.
+    assert canonical_query(signed, {"signature"}) == canonical
+    assert canonical_query(signed) != canonical  # by default only `sig` is unsigned
+    ok = assert_ok(auth(RENAMED, signed), "r1")
+    assert ok.replay_key == hashlib.sha256(canonical.encode()).hexdigest()
+    # No key id: every key is tried.
+    assert_ok(auth(RENAMED, _renamed_signed(params[:-1], RENAMED_SECRET + "-2")), "r2")
+
+    # Signed over the canonical names instead of the names sent: not what the partner sent.
+    as_canonical = [("advertiser_id", "renamed"), ("event", "purchase"), ("order_id", "R-1"),
+                    ("ts", str(TS1)), ("kid", "r1")]
+    wrong = hmac.new(RENAMED_SECRET.encode(), canonical_query(as_canonical).encode(), hashlib.sha256).hexdigest()
+    failed = assert_failed(auth(RENAMED, params + [("signature", wrong)]), "bad_signature")
+    assert repr(canonical) in failed.detail
+
+    tampered = [(k, "R-2" if k == "order_id" else v) for k, v in signed]
+    assert_failed(auth(RENAMED, tampered), "bad_signature")
+
+
+def test_aliased_auth_parameters_are_checked_under_the_names_sent() -> None:
+    base = [("advertiser_id", "renamed"), ("event", "purchase")]
+    stale = assert_failed(auth(RENAMED, _renamed_signed(base + [("timestamp", str(TS1 - 301))])), "stale_timestamp")
+    assert stale.detail.startswith(f"parameter timestamp {TS1 - 301} is 301 s")
+    bad_ts = assert_failed(auth(RENAMED, _renamed_signed(base + [("timestamp", "now")])), "invalid_field")
+    assert bad_ts.detail.startswith("parameter timestamp must be unix seconds")
+    missing_ts = assert_failed(auth(RENAMED, _renamed_signed(base)), "missing_signature")
+    assert missing_ts.detail.startswith("parameter ts is missing")
+    unknown = assert_failed(auth(RENAMED, _renamed_signed(base + [("timestamp", str(TS1)), ("key", "r9")])),
+                            "unknown_key_id")
+    assert unknown.detail == "parameter key 'r9' is not a key of this advertiser"
+    malformed = assert_failed(auth(RENAMED, base + [("timestamp", str(TS1)), ("signature", "abc")]), "bad_signature")
+    assert malformed.detail.startswith("parameter signature must be 64 hexadecimal digits")
+    # A timestamp under both names, or two signatures, is never guessed.
+    signed = _renamed_signed(base + [("timestamp", str(TS1))])
+    assert_failed(auth(RENAMED, signed + [("ts", str(TS1))]), "invalid_field")
+    assert_failed(auth(RENAMED, signed + [("sig", signed[-1][1])]), "invalid_field")
+
+
+def test_token_mode_checks_an_aliased_timestamp_when_sent() -> None:
+    """Token mode reads ts when it is sent, so its alias is honoured there too (not refused at load)."""
+    base = [("advertiser_id", "tokents"), ("secure", ALIAS_TOKEN)]
+    assert_ok(auth(TOKENTS, base), None, mode="token")
+    assert_ok(auth(TOKENTS, base + [("timestamp", str(TS1))]), None, mode="token")
+    stale = assert_failed(auth(TOKENTS, base + [("timestamp", str(TS1 - 3600))]), "stale_timestamp")
+    assert stale.detail.startswith("parameter timestamp ")

@@ -289,3 +289,125 @@ def test_internal_encoding_keeps_decimals_exact() -> None:
     record = {"amount": Decimal("0.100000"), "x": 1}
     assert stages.decode_internal(stages.encode_internal(record)) == record
 
+
+
+# -- an order's updates processed against the order they happened in ---------------------------
+KT_TOKEN = "keitaro-stage-token-0123456789"
+KT_PARTNERS = parse_partner_config(f"""
+[advertisers.kt]
+preset = "keitaro"
+token = "{KT_TOKEN}"
+""")
+KT_KEY = "d:kt|purchase|T-1"
+
+
+def _kt(status: str, receipt: str, received_at_ms: int, event_time: str | None = None) -> dict:
+    """A Keitaro-shaped status update of order T-1 (click K9), authenticated with the token."""
+    params = [("advertiser_id", "kt"), ("subid", "K9"), ("tid", "T-1"), ("status", status), ("payout", "10"),
+              ("token", KT_TOKEN)] + ([("event_time", event_time)] if event_time else [])
+    return raw(params, receipt=receipt, received_at_ms=received_at_ms)
+
+
+def _kt_dedupe(record: dict, table: dict) -> stages.Output:
+    msg = stages.verify(record, KT_PARTNERS, NOW)
+    assert msg.kind == "dedupe" and msg.key == "kt|purchase|T-1", msg.record
+    return stages.dedupe(msg.record, table, 2, NOW + 10_000)
+
+
+def test_in_order_status_chain_gives_versions_1_2_3() -> None:
+    table: dict = {}
+    outs = [_kt_dedupe(_kt(status, f"C{i}", NOW + i * 1000), table)
+            for i, status in enumerate(["lead", "sale", "rejected"], start=1)]
+    assert [(o.kind, o.key) for o in outs] == [("attribute", "K9")] * 3
+    assert [o.record["version"] for o in outs] == [1, 2, 3]
+    assert [o.record["status"] for o in outs] == ["pending", "approved", "rejected"]
+    assert len({o.record["conversion_id"] for o in outs}) == 1
+    entry = table[KT_KEY]
+    assert (entry["status"], entry["version"], entry["first"], entry["r"]) == ("rejected", 3, "C1", NOW + 3000)
+
+
+def test_older_update_processed_after_a_newer_one_is_superseded() -> None:
+    """sale received at t=2 is processed after rejected received at t=3: the order stays rejected."""
+    table: dict = {}
+    rejected = _kt_dedupe(_kt("rejected", "N3", NOW + 3000), table)
+    assert (rejected.kind, rejected.record["version"], rejected.record["status"]) == ("attribute", 1, "rejected")
+    sale = _kt_dedupe(_kt("sale", "N2", NOW + 2000), table)
+    assert sale.kind == "duplicate" and sale.key == "N2"
+    assert (sale.record["reason"], sale.record["first_receipt_id"], sale.record["receipt_id"]) == (
+        "superseded", "N3", "N2")
+    assert sale.record["dedupe_key"] == "kt|purchase|T-1" and sale.record["order_id"] == "T-1"
+    entry = table[KT_KEY]
+    assert (entry["status"], entry["version"], entry["r"], entry["receipts"]) == ("rejected", 1, NOW + 3000,
+                                                                                    {"N3": 1})
+
+    # At-least-once: both receipts processed again give the very same outcomes and change nothing.
+    state = json.dumps(table, sort_keys=True)
+    again = _kt_dedupe(_kt("sale", "N2", NOW + 2000), table)
+    assert (again.kind, again.record) == ("duplicate", sale.record)
+    replay = _kt_dedupe(_kt("rejected", "N3", NOW + 3000), table)
+    assert (replay.kind, replay.record["version"], replay.record["status"]) == ("attribute", 1, "rejected")
+    assert json.dumps(table, sort_keys=True) == state
+
+
+def test_superseded_judgement_is_kept_for_a_replay_after_later_updates() -> None:
+    """After a newer sale changed the status, the replayed old sale is still `superseded`,
+    not judged afresh (it would now look like an order repeat)."""
+    table: dict = {}
+    _kt_dedupe(_kt("rejected", "S3", NOW + 3000), table)
+    first = _kt_dedupe(_kt("sale", "S2", NOW + 2000), table)
+    assert (first.kind, first.record["reason"]) == ("duplicate", "superseded")
+    newer = _kt_dedupe(_kt("sale", "S4", NOW + 4000, event_time="1800000004"), table)
+    assert (newer.kind, newer.record["version"], newer.record["status"]) == ("attribute", 2, "approved")
+    replay = _kt_dedupe(_kt("sale", "S2", NOW + 2000), table)
+    assert (replay.kind, replay.record["reason"], replay.record["first_receipt_id"]) == ("duplicate", "superseded",
+                                                                                         "S3")
+    assert table[KT_KEY]["status"] == "approved" and table[KT_KEY]["version"] == 2
+
+
+def test_event_time_decides_against_receipt_time() -> None:
+    # rejected happened at e=20 but was received last; the sale happened at e=10, received first.
+    table: dict = {}
+    late_receipt = _kt_dedupe(_kt("rejected", "E3", NOW + 3000, event_time="1800000020"), table)
+    assert late_receipt.record["version"] == 1 and late_receipt.record["event_time_ms"] == 1_800_000_020_000
+    # Received later (t=4) but happened earlier (e=10): superseded.
+    earlier = _kt_dedupe(_kt("sale", "E4", NOW + 4000, event_time="1800000010"), table)
+    assert (earlier.kind, earlier.record["reason"], earlier.record["first_receipt_id"]) == ("duplicate",
+                                                                                           "superseded", "E3")
+    assert table[KT_KEY]["status"] == "rejected" and table[KT_KEY]["e"] == 1_800_000_020_000
+
+    # The other way round: received earlier (t=1) but happened later (e=30): it wins.
+    table2: dict = {}
+    _kt_dedupe(_kt("rejected", "F3", NOW + 3000, event_time="1800000020"), table2)
+    later = _kt_dedupe(_kt("sale", "F1", NOW + 1000, event_time="1800000030"), table2)
+    assert (later.kind, later.record["version"], later.record["status"]) == ("attribute", 2, "approved")
+    assert (table2[KT_KEY]["status"], table2[KT_KEY]["e"], table2[KT_KEY]["r"]) == ("approved", 1_800_000_030_000,
+                                                                                    NOW + 1000)
+
+
+def test_receipt_time_decides_when_event_times_are_missing_or_equal() -> None:
+    table: dict = {}
+    _kt_dedupe(_kt("rejected", "G3", NOW + 3000, event_time="1800000020"), table)
+    # Only one side has an event time: by receipt time, which is older.
+    assert _kt_dedupe(_kt("sale", "G2", NOW + 2000), table).record["reason"] == "superseded"
+    # Equal event times: by receipt time.
+    assert _kt_dedupe(_kt("sale", "G1", NOW + 1000, event_time="1800000020"), table).record["reason"] == \
+        "superseded"
+    # Same receipt time: the update processed later wins.
+    tie = _kt_dedupe(_kt("lead", "G4", NOW + 3000, event_time="1800000020"), table)
+    assert (tie.kind, tie.record["version"], tie.record["status"]) == ("attribute", 2, "pending")
+
+
+def test_a_rejection_names_the_event_sent_under_its_alias() -> None:
+    """A rejection records the event as the advertiser's aliases read it, like an accepted postback."""
+    partners = parse_partner_config(f"""
+[advertisers.vl]
+auth_modes = ["token"]
+token = "{KT_TOKEN}"
+aliases = {{ et = "event", cid = "click_id", txid = "order_id" }}
+""")
+    params = [("advertiser_id", "vl"), ("cid", "C1"), ("txid", "V-1"), ("et", "purchase")]
+    forged = stages.verify(raw(params + [("token", KT_TOKEN + "x")]), partners, NOW)
+    assert forged.kind == "rejection" and forged.record["reason"] == "bad_signature"
+    assert forged.record["event"] == "purchase"
+    unknown = stages.verify(raw(params[:-1] + [("et", "bogus"), ("token", KT_TOKEN)]), partners, NOW)
+    assert (unknown.record["reason"], unknown.record["event"]) == ("unknown_event", "bogus")
