@@ -26,7 +26,7 @@ from postback.partner_view import DEFAULT_SOURCE, read, routing_key
 from postback.partners import PartnerConfig
 from processors.dedupe import conversion_id, dedupe_key
 from processors.normalize import Invalid, normalize
-from processors.signing import AuthFailed, authenticate
+from processors.signing import SIGNATURE_HEADER, AuthFailed, authenticate
 
 __all__ = ["Explanation", "explain", "render"]
 
@@ -114,8 +114,7 @@ def explain(partners: PartnerConfig, advertiser_id: str, url_or_query: str, part
         out.outcome = {"outcome": "rejection", "reason": auth.reason}
         return out
     out.auth = {"verdict": "accepted", "mode": auth.mode, "key_id": auth.key_id,
-                "read_from": view.sent_as.get("token" if auth.mode == "token" else "sig",
-                                              f"header {adv.token_header}")}
+                "read_from": _credential_source(view.sent_as, auth.mode, adv.token_header)}
     try:
         n = normalize(params, adv)
     except Invalid as exc:
@@ -128,6 +127,13 @@ def explain(partners: PartnerConfig, advertiser_id: str, url_or_query: str, part
                    "click_id": n.click_id, "order_id": n.order_id, "dedupe_key": dkey, "dedupe_kind": kind,
                    "conversion_id": conversion_id(dkey)}
     return out
+
+
+def _credential_source(sent_as: Mapping[str, str], mode: str, token_header: str | None) -> str:
+    """Where the accepted token or signature was read from: a parameter name as sent, or a header."""
+    if mode == "token":
+        return sent_as.get("token") or f"header {token_header}"
+    return sent_as.get("sig") or f"header {SIGNATURE_HEADER}"
 
 
 def render(e: Explanation) -> str:

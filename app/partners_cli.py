@@ -8,6 +8,7 @@ import sys
 
 from postback.config import Settings
 from postback.partners import load_partner_config
+from postback.topics import Topics
 
 _EPILOG = """\
 examples:
@@ -26,6 +27,16 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of partitions >= 1, got {text!r}")
+    return n
+
+
 def _explain(args: argparse.Namespace, settings: Settings) -> int:
     from app.explain import explain, render
 
@@ -34,7 +45,11 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
         print("postback partners explain: no partner file: set POSTBACK_CONFIG or pass --config", file=sys.stderr)
         return 2
     partners = load_partner_config(path)
-    result = explain(partners, args.advertiser, args.postback, args.partitions, dict(args.header))
+    try:
+        result = explain(partners, args.advertiser, args.postback, args.partitions, dict(args.header))
+    except ValueError as exc:  # an advertiser that is not configured: a usage error, not a refused postback
+        print(f"postback partners explain: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return 0 if result.ingest_status == 202 and result.outcome.get("outcome") != "rejection" else 1
 
@@ -56,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--header", action="append", type=_header, default=[], metavar="'NAME: VALUE'",
                    help="a request header, e.g. the advertiser's token_header (repeatable)")
     e.add_argument("--config", help="partner TOML file (default $POSTBACK_CONFIG)")
-    e.add_argument("--partitions", type=int, default=6, help="partitions of the raw-postbacks topic (default 6)")
+    default_partitions = Topics().raw_postbacks.partitions
+    e.add_argument("--partitions", type=_positive, default=default_partitions,
+                   help=f"partitions of the raw-postbacks topic (default {default_partitions})")
     e.add_argument("--json", action="store_true", help="print the explanation as JSON")
     e.set_defaults(handler=_explain)
