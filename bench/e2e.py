@@ -272,7 +272,7 @@ class LagProbe:
 
 def lag_groups(prefix: str) -> dict[str, tuple[str, list[str]]]:
     t = Topics(prefix)
-    processor, sink = f"{prefix}-processor", f"{prefix}-sink-clickhouse"
+    processor, sink = t.processor_group, t.sink_clickhouse_group
     return {"raw": (processor, [t.raw_postbacks.name]),
             "internal": (processor, [t.processor_dedupe.name, t.processor_attribute.name]),
             "clicks": (processor, [t.clicks.name]),

@@ -491,7 +491,7 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
         profile = None
         if profiler is not None:
             profile = finish_py_spy(profiler, scratch, args.profile_top, "first output -> N outcomes")
-        uncommitted = wait_for_commits(counter, f"{topics.prefix}-processor", worker)
+        uncommitted = wait_for_commits(counter, topics.processor_group, worker)
         log("stopping the worker (SIGTERM) ...")
         exit_code = worker.stop()
         if exit_code != 0:

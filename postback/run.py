@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from postback.config import Settings
+from postback.topics import Topics
 
 DEMO_PARTNERS = Path(__file__).resolve().parent.parent / "deploy" / "demo-partners.toml"
 
@@ -51,9 +52,10 @@ class StatusProbe:
     def __init__(self, bootstrap: str, clickhouse: str, database: str, prefix: str, ingest_url: str) -> None:
         from confluent_kafka import Consumer
 
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-processor",
+        topics = Topics(prefix)
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topics.processor_group,
                                   "enable.auto.commit": False})
-        self.raw_topic = f"{prefix}.raw-postbacks"
+        self.raw_topic = topics.raw_postbacks.name
         self.clickhouse = clickhouse
         self.database = database
         self.ingest_url = ingest_url
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from deploy.stack import Stack
     from deploy.supervisor import Child, Supervisor
-    from postback.topics import Topics, ensure_topics
+    from postback.topics import ensure_topics
     from sinks.service import migrate
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731

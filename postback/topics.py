@@ -106,6 +106,23 @@ class Topics:
         """Every topic, in pipeline order."""
         return [getattr(self, attr) for attr, _ in _LAYOUT]
 
+    # Consumer groups are owned here, next to the topics they read, so the services, the
+    # supervisor's lag display, benchmarks and tests cannot drift apart.
+    @property
+    def processor_group(self) -> str:
+        """The faust processor's consumer group (reads raw-postbacks, clicks and the processor-* topics)."""
+        return f"{self.prefix}-processor"
+
+    @property
+    def sink_clickhouse_group(self) -> str:
+        """The ClickHouse writer's consumer group."""
+        return f"{self.prefix}-sink-clickhouse"
+
+    @property
+    def sink_lifecycle_group(self) -> str:
+        """The lifecycle router's consumer group."""
+        return f"{self.prefix}-sink-lifecycle"
+
 
 def ensure_topics(
     admin_client: AdminClient,

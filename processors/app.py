@@ -100,7 +100,7 @@ TABLES = ("dedupe", "clicks", "pending")
 
 
 def app_id(settings: Settings) -> str:
-    return f"{settings.topic_prefix}-processor"
+    return Topics(settings.topic_prefix).processor_group
 
 
 def changelog_topics(settings: Settings, opts: ProcessOptions) -> list[TopicSpec]:

@@ -88,7 +88,7 @@ class ClickHouseWriter:
         self.metrics = metrics
         self.client_factory = client_factory
         self.consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": group_id or f"{topics.prefix}-sink-clickhouse",
+            "bootstrap.servers": bootstrap, "group.id": group_id or topics.sink_clickhouse_group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "session.timeout.ms": int(opts.session_timeout_s * 1000), "isolation.level": "read_committed",
         })

@@ -57,7 +57,7 @@ class LifecycleRouter:
                               "reversal": topics.lifecycle_reversal.name}
         self.codec = Codec.for_record("Conversion")
         self.consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": f"{topics.prefix}-sink-lifecycle",
+            "bootstrap.servers": bootstrap, "group.id": topics.sink_lifecycle_group,
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
             "session.timeout.ms": int(opts.session_timeout_s * 1000),
         })

@@ -100,7 +100,7 @@ class Pipeline:
         from confluent_kafka import Consumer, TopicPartition
 
         consumer = Consumer({"bootstrap.servers": self.kafka.bootstrap_servers,
-                             "group.id": f"{self.topics.prefix}-processor", "enable.auto.commit": False})
+                             "group.id": self.topics.processor_group, "enable.auto.commit": False})
         try:
             lag: dict[str, int] = {}
             for spec in (self.topics.raw_postbacks, self.topics.processor_dedupe, self.topics.processor_attribute,
