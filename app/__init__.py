@@ -1,5 +1,9 @@
-"""The application layer: commands that wire several stages together.
+"""The application layer: the `postback` command line and everything that wires stages together.
 
 Stage packages (`ingest/`, `processors/`, `sinks/`) import only themselves, `schemas/`
-and the `postback/` core; what needs more than one stage at once lives here.
+and the `postback/` core, and take their endpoints as parameters; `deploy/` imports only
+`postback.config`. Only this package may import all of them: the CLI (`app.cli`, a
+module per subcommand in `app.commands`), `postback run`, `postback demo` (`app.demo`),
+endpoint discovery (`app.endpoints`: settings first, then the local stack's
+`stack.json`) and `postback partners explain` (`app.explain`).
 """

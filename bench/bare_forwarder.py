@@ -25,20 +25,14 @@ import resource
 import sys
 import time
 import uuid
-from pathlib import Path
 
-# Run as `python bench/bare_forwarder.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+from confluent_kafka import Consumer, Producer
 
-from confluent_kafka import Consumer, Producer  # noqa: E402
-
-from postback.kafka import producer_config  # noqa: E402
+from postback.kafka import producer_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/bare_forwarder.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bare_forwarder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
     parser.add_argument("--topic-in", required=True, help="topic to read from the beginning")
     parser.add_argument("--topic-out", required=True, help="topic to write every record to, unchanged")

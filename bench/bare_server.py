@@ -1,4 +1,4 @@
-"""Baseline server for bench/ingest.py: the ingester's HTTP stack with nothing behind it.
+"""Baseline server for bench/ingest_http.py: the ingester's HTTP stack with nothing behind it.
 
 Why it exists: on a shared, noisy machine an absolute requests/s figure means little.
 Running this server in the same benchmark run, under the same load generator, gives the
@@ -13,7 +13,7 @@ difference is the request handler. `POST /postback` reads the body and answers
 `202 {"status":"accepted","receipt_id":"<ULID>"}` -- the ingester's answer shape --
 without parsing, validating or producing anything. `GET /healthz` is for readiness.
 
-Run: `python bench/bare_server.py --port 0` (0 = ephemeral; the chosen port is printed).
+Run: `python -m bench.bare_server --port 0` (0 = ephemeral; the chosen port is printed).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ async def serve(host: str, port: int, shutdown_timeout_s: float = 15.0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Bare aiohttp server (no Kafka): the baseline that bench/ingest.py compares the ingester to.")
+        prog="python -m bench.bare_server",
+        description="Bare aiohttp server (no Kafka): the baseline that bench/ingest_http.py compares the ingester to.")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port, 0 = ephemeral (default 0)")
     args = parser.parse_args(argv)

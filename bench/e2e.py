@@ -12,7 +12,7 @@ How:
 1. Kafka and ClickHouse from `deploy.providers` (`KAFKA_BOOTSTRAP_SERVERS` /
    `CLICKHOUSE_URL` if set, else a local Apache Kafka and a local ClickHouse server in a
    temp dir). A partner file with one HMAC advertiser and one offer without landing URL
-   or allow_ips. `python -m postback.cli run` against them with a unique topic prefix,
+   or allow_ips. `python -m app.cli run` against them with a unique topic prefix,
    database, state dir and free ports; ready when its run.json says so and lists its
    children (ingest, process, sink).
 2. Warm-up (not measured): --clicks clicks through GET /click; wait until the processors
@@ -72,24 +72,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-# Run as `python bench/e2e.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-from bench.e2e_load import create_clicks  # noqa: E402
-from bench.common import (  # noqa: E402
-    ADVERTISER, BENCH_DIR, KEY_ID, OFFER, PARTNERS_TOML, SECRET, add_output_args, checked_number, child_env,
-    delete_topics_with_prefix, descendants, host_cpu_ticks, host_info, http_get, loadavg, log, mb,
-    positive_int, run_and_report, spawn, tree_cpu_s, tree_hwm_kb, tree_rss_kb,
+from bench.e2e_load import create_clicks
+from bench.harness import (
+    ADVERTISER, BENCH_DIR, KEY_ID, OFFER, PARTNERS_TOML, SECRET, KafkaOffsets, add_output_args, checked_number,
+    child_env, delete_topics_with_prefix, descendants, host_cpu_ticks, host_info, http_get, log, mb, positive_int,
+    run_and_report, spawn, tree_cpu_s, tree_hwm_kb, tree_rss_kb,
 )
-from deploy.procs import alive_since, children, cmdline, free_port, start_time, tail  # noqa: E402
-from deploy.providers import ClickHouseService, clickhouse_service, kafka_service, unique_name  # noqa: E402
-from postback.config import Settings  # noqa: E402
-from postback.topics import Topics  # noqa: E402
-from processors.signing import sign_query  # noqa: E402
+from deploy.procs import alive_since, children, cmdline, free_port, start_time, tail
+from deploy.providers import ClickHouseService, clickhouse_service, kafka_service, unique_name
+from postback.config import Settings
+from postback.topics import Topics
+from postback.signing import sign_query
 
-LOAD_SCRIPT = BENCH_DIR / "e2e_load.py"
+LOAD_MODULE = "bench.e2e_load"
 DEFAULT_JSON_OUT = BENCH_DIR / "results" / "e2e.json"
 CHILDREN = ("ingest", "process", "sink")
 RECEIPTS_TABLE = "bench_e2e_receipts"
@@ -183,7 +178,7 @@ def start_pipeline(args: argparse.Namespace, scratch: Path, bootstrap: str, clic
     state = scratch / "state"
     env = child_env(("POSTBACK_SINK_FAULT",), KAFKA_BOOTSTRAP_SERVERS=bootstrap, CLICKHOUSE_URL=clickhouse_url,
                     POSTBACK_STATE_DIR=str(state), POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
-    argv = [sys.executable, "-m", "postback.cli", "run", "--port", str(free_port()),
+    argv = [sys.executable, "-m", "app.cli", "run", "--port", str(free_port()),
             "--process-web-port", str(free_port()), "--sink-metrics-port", str(free_port()),
             "--late-click-wait", f"{args.late_click_wait:g}", "--database", database,
             "--ingest-workers", str(args.ingest_workers), "--process-workers", str(args.process_workers)]
@@ -207,55 +202,20 @@ def start_pipeline(args: argparse.Namespace, scratch: Path, bootstrap: str, clic
 
 # -- probes ---------------------------------------------------------------------------
 class LagProbe:
-    """Consumer lag of consumer groups: sum over partitions of high watermark - committed
-    (a partition without a commit counts from 0). One non-subscribing consumer per group
-    (it never joins the group) for the committed offsets, one more for the watermarks.
-
-    Cost: one OffsetFetch per group and one ListOffsets per partition (36 partitions) per
-    sample, about 0.07 of a core of the local broker at one sample a second. (The admin
-    API's batched list_offsets would be cheaper, but with confluent-kafka 2.16 it crashed
-    the interpreter now and then.)"""
+    """Consumer lag of consumer groups (`KafkaOffsets.lag`) under the names of `lag_groups`;
+    None where a request failed (a gap in the timeline, not a failure). At one sample a
+    second: about 0.07 of a core of the local broker (36 partitions)."""
 
     def __init__(self, bootstrap: str, groups: dict[str, tuple[str, list[str]]]) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        self._lock = threading.Lock()  # the sampler thread and the warm-up both ask
-        self._watermarks = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("bench-lag"),
-                                     "enable.auto.commit": False})
-        consumers: dict[str, Any] = {}
-        self._groups: dict[str, tuple[Any, list[Any]]] = {}
-        for name, (group, topics) in groups.items():
-            if group not in consumers:
-                consumers[group] = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                                             "enable.auto.commit": False})
-            tps = []
-            for topic in topics:
-                meta = self._watermarks.list_topics(topic, timeout=10).topics[topic]
-                tps += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-            self._groups[name] = (consumers[group], tps)
-        self._consumers = [self._watermarks, *consumers.values()]
-        self._closed = False
+        self._group = {name: group for name, (group, _topics) in groups.items()}
+        self._offsets = KafkaOffsets(bootstrap, {name: topics for name, (_group, topics) in groups.items()})
 
     def lags(self, timeout: float = 5.0) -> dict[str, int | None]:
         """Lag per name given at construction; None where a request failed."""
-        out: dict[str, int | None] = dict.fromkeys(self._groups)
-        with self._lock:
-            if self._closed:
-                return out
-            high: dict[tuple[str, int], int] = {}
-            for name, (consumer, tps) in self._groups.items():
-                try:
-                    committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=timeout)}
-                    total = 0
-                    for tp in tps:
-                        key = (tp.topic, tp.partition)
-                        if key not in high:
-                            high[key] = self._watermarks.get_watermark_offsets(tp, timeout=timeout, cached=False)[1]
-                        done = committed.get(key, -1)
-                        total += high[key] - (done if done >= 0 else 0)
-                    out[name] = total
-                except Exception:  # noqa: BLE001 - a failed probe is a gap in the timeline, not a failure
-                    pass
+        out: dict[str, int | None] = dict.fromkeys(self._group)
+        for name, group in self._group.items():
+            with contextlib.suppress(Exception):
+                out[name] = self._offsets.lag(group, name, timeout)
         return out
 
     def lag(self, name: str) -> int | None:
@@ -263,11 +223,7 @@ class LagProbe:
 
     def close(self) -> None:
         """Close the consumers while the broker still runs."""
-        with self._lock:
-            self._closed = True
-            for consumer in self._consumers:
-                with contextlib.suppress(Exception):
-                    consumer.close()
+        self._offsets.close()
 
 
 def lag_groups(prefix: str) -> dict[str, tuple[str, list[str]]]:
@@ -564,7 +520,7 @@ def warm_up(args: argparse.Namespace, pipe: Pipeline, url: str, lags: LagProbe, 
 def run_generator(args: argparse.Namespace, url: str, ids_file: Path, tag: str, scratch: Path,
                   sampler: Sampler) -> dict[str, Any]:
     out = scratch / "load.json"
-    argv = [sys.executable, str(LOAD_SCRIPT), "--url", url, "--rate", f"{args.rate:g}", "--duration",
+    argv = [sys.executable, "-m", LOAD_MODULE, "--url", url, "--rate", f"{args.rate:g}", "--duration",
             f"{args.duration:g}", "--advertiser-id", ADVERTISER, "--secret", SECRET, "--key-id", KEY_ID,
             "--tag", tag, "--click-ids-file", str(ids_file), "--click-fraction", f"{args.click_fraction:g}",
             "--connections", str(args.connections), "--request-timeout", f"{args.request_timeout:g}",
@@ -723,7 +679,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     ok = (lost == 0 and figures["duplicates"] == 0 and figures["outcome_rows_equal_202s"]
           and figures["missing_conversions"] == 0 and figures["not_accepted"] == 0 and stopped["code"] == 0
           and not stopped["leftovers"])
-    host["loadavg_end"] = loadavg()
     report = {
         "benchmark": "e2e",
         "rate_target": args.rate,
@@ -838,7 +793,7 @@ positive_float = checked_number("positive_float", float, lambda v: v > 0, "must 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench/e2e.py",
+        prog="python -m bench.e2e",
         description="End-to-end benchmark: start Kafka, ClickHouse and `postback run` (ingester, processors, "
                     "sink), send HMAC-signed GET /postback at a fixed rate for a fixed time from an open-loop "
                     "generator in its own process (bench/e2e_load.py), sample processor lag, RSS and outcome "

@@ -41,24 +41,18 @@ import collections
 import json
 import random
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-# Run as `python bench/e2e_load.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+import aiohttp
+from aiohttp.http import SERVER_SOFTWARE
 
-import aiohttp  # noqa: E402
-from aiohttp.http import SERVER_SOFTWARE  # noqa: E402
-
-from bench.common import log as _log  # noqa: E402
-from postback.eventloop import install_uvloop  # noqa: E402
-from processors.signing import sign_query  # noqa: E402
+from bench.harness import log as _log
+from postback.eventloop import install_uvloop
+from postback.signing import sign_query
 
 # One request in flight: (index, scheduled time, start time), monotonic seconds.
 Request = tuple[int, float, float]
@@ -470,7 +464,7 @@ class Load:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench/e2e_load.py",
+        prog="python -m bench.e2e_load",
         description="Open-loop load generator (used by bench/e2e.py): HMAC query-signed GET /postback with unique "
                     "order ids at a fixed rate for a fixed time over a pool of HTTP/1.1 keep-alive connections. "
                     "Writes counts, latency percentiles and the receipt id of every 202 as JSON to --out.")

@@ -34,18 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/expiry.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-from bench.common import REPO, add_output_args, host_info, log, positive_int, run_and_report  # noqa: E402
-from postback.config import ProcessOptions, Settings  # noqa: E402
-from postback.partners import PartnerConfig  # noqa: E402
-from processors import stages  # noqa: E402
-from processors.app import create_app  # noqa: E402
-from processors.pending_index import PendingIndex  # noqa: E402
-from processors.sweep import Sweep  # noqa: E402
+from bench.harness import REPO, add_output_args, log, positive_int, ratio, run_and_report, spread, spread_text
+from postback.config import ProcessOptions, Settings
+from postback.partners import PartnerConfig
+from processors import stages
+from processors.app import create_app
+from processors.pending_index import PendingIndex
+from processors.sweep import Sweep
 
 DEFAULT_JSON_OUT = REPO / "bench" / "results" / "expiry.json"
 DAY_MS = 86_400_000
@@ -114,10 +109,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "dedupe": {"whole_scan_ms": whole_ms, "sweep_tick_ms_max": worst_tick_ms,
                    "sweep_tick_ms_median": ms(statistics.median(ticks)), "sweep_ticks_per_pass": len(ticks),
                    "sweep_pass_total_ms": ms(sum(ticks)),
-                   "ratio_worst_tick_to_whole_scan": round(worst_tick_ms / whole_ms, 4) if whole_ms else None},
+                   "ratio_worst_tick_to_whole_scan": ratio(worst_tick_ms, whole_ms),
+                   "whole_scan_ms_spread": spread([ms(x) for x in whole])},
         "pending": {"scanning_tick_ms": scan_ms, "indexed_tick_ms": indexed_ms, "index_rebuild_ms": ms(rebuild),
-                    "ratio_indexed_to_scanning": round(indexed_ms / scan_ms, 6) if scan_ms else None},
-        "host": host_info(),
+                    "ratio_indexed_to_scanning": ratio(indexed_ms, scan_ms, 6),
+                    "scanning_tick_ms_spread": spread([ms(x) for x in scanning]),
+                    "indexed_tick_ms_spread": spread([ms(x) for x in indexed])},
     }
 
 
@@ -133,11 +130,16 @@ def table(report: dict[str, Any]) -> str:
         f"{d['ratio_worst_tick_to_whole_scan']} |",
         f"| pending (deadline index) | {p['scanning_tick_ms']} ms | {p['indexed_tick_ms']} ms (rebuild once per "
         f"rebalance: {p['index_rebuild_ms']} ms) | {p['ratio_indexed_to_scanning']} |",
+        "",
+        f"baseline, {report['repeat']} runs each: dedupe whole scan "
+        f"{spread_text(d['whole_scan_ms_spread'], '.1f')} ms; "
+        f"pending scanning tick {spread_text(p['scanning_tick_ms_spread'], '.1f')} ms",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.expiry",
         description="Time one expiry tick of a processor worker over a large table partition: the chunked sweep "
                     "and the late-click deadline index against the whole-partition scan they replaced, in the same "
                     "run. In process, real RocksDB store, no broker. The JSON report goes to stdout (and "

@@ -42,18 +42,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/faust_floor.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+import faust
 
-import faust  # noqa: E402
-
-from deploy.procs import free_port  # noqa: E402
-from postback.config import ProcessOptions, Settings  # noqa: E402
-from postback.eventloop import install_uvloop  # noqa: E402
-from postback.partners import PartnerConfig  # noqa: E402
-from processors.app import broker_url, create_app  # noqa: E402
+from deploy.procs import free_port
+from postback.config import ProcessOptions, Settings
+from postback.eventloop import install_uvloop
+from postback.partners import PartnerConfig
+from processors.app import broker_url, create_app
 
 #: The processor app's settings the floor takes over: how it consumes, acks, commits and produces.
 PROCESSOR_SETTINGS = ("topic_partitions", "topic_replication_factor", "processing_guarantee",
@@ -78,7 +73,7 @@ def create_floor_app(bootstrap: str, app_id: str, data_dir: str) -> faust.App:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/faust_floor.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.faust_floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
     parser.add_argument("--topic-in", required=True, help="topic to read from the beginning")
     parser.add_argument("--count", type=int, required=True, help="stop after this many records")

@@ -1,12 +1,14 @@
 """Processor throughput, memory and correctness: one faust worker against a real Kafka.
 
 What it answers: how many raw postbacks per second one processor worker
-(`python -m postback.cli process`) turns into conversions, rejections and duplicates,
+(`python -m app.cli process`) turns into conversions, rejections and duplicates,
 how much memory it takes, whether every receipt got exactly the outcome it should, and
 how that throughput compares with a bare confluent-kafka consume -> produce loop and with
 a faust app that only reads the records (the faust floor), over the same records on the
-same broker in the same run. With `--kill-after`: whether every receipt still gets exactly
-one outcome when the worker is SIGKILLed and restarted mid-run (see "Crash recovery").
+same broker in the same run.
+
+Crash recovery (SIGKILL, state deleted, restart: still exactly one outcome per receipt) is
+not measured here; it is a test: tests/processors/test_crash_recovery.py.
 
 How:
 
@@ -55,36 +57,13 @@ How:
    events/s / faust floor events/s: how close the worker gets to what faust itself can
    consume on this host.
 
-Crash recovery, `--kill-after S` (how the project checks that 100k postbacks with 10 %
-repeats give exactly one conversion per order after a SIGKILL and restart of the worker):
-S seconds after the worker's first output record, its whole process tree is SIGKILLed
-(its process group, it leads its own session, and any descendant outside it) and a new
-worker is started with the same argv and environment, so the same `--data-dir` and its
-RocksDB state; with `--wipe-state` that directory is deleted first, so the tables are
-rebuilt from their changelog topics. `--kills K` repeats this K times, each S seconds
-after the restarted worker's first new output record. At-least-once lets a restarted
-worker write identical repeats of what its predecessor wrote after its last commit, so
-N outcome records no longer mean N outcomes: once the records reach N, the outputs are
-read back (`read_outcomes`, the same reading as step 4) once a second until every
-receipt has one. (At the `--timeout`, before N records or before every receipt has one,
-the run goes on with what is there, so lost outputs are reported, not a traceback.)
-Then SIGTERM (exit 0) and step 4's checks:
-identical repeats are counted and allowed; a receipt with two different outcomes, a
-missing receipt or a second conversion of an order fails the run, as does a run whose
-outcomes were complete before all K kills happened. The report's `kill` block has, per
-kill, its time, the outcome records at that moment, the restart's Ready and first new
-output, and the repeats the restarted worker wrote (`repeated_outputs`, by record kind).
-Every rate and elapsed time in `worker` then includes the kills and recovery
-(`worker.throughput_includes_recovery`): not comparable with a normal run, so steps 5
-and 6 are skipped. `--profile` cannot be combined with it.
-
 Optional `--profile`: py-spy samples the worker (non-blocking) from its first output to
 the end of the timed run and the report lists the top self-time frames. Sampling costs
 the worker some CPU on a small host, so profile in a separate run from the one you quote.
 
 Progress and a summary go to stderr; stdout carries exactly one JSON document, also
 written to `--json-out`. Exit status: 0 when the outcomes were correct, the worker
-exited 0 on SIGTERM and (kill mode) all kills happened, 1 otherwise, 130 on
+exited 0 on SIGTERM, 1 otherwise, 130 on
 Ctrl-C/SIGTERM (everything started is stopped).
 """
 
@@ -94,7 +73,6 @@ import argparse
 import collections
 import contextlib
 import json
-import os
 import random
 import re
 import resource
@@ -109,25 +87,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
-# Run as `python bench/process.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-from bench.common import (  # noqa: E402
-    ADVERTISER, BENCH_DIR, CROCKFORD, KEY_ID, OFFER, PARTNERS_TOML, SECRET, Child, RssSampler, add_output_args,
-    add_profile_args, checked_number, child_env, descendants, finish_py_spy, host_busy_pct, host_cpu_ticks, host_info,
-    loadavg, log, mb, positive_int, produce_records, profile_lines, run_and_report, settled_count, start_kafka,
+from bench.harness import (
+    ADVERTISER, BENCH_DIR, CROCKFORD, KEY_ID, OFFER, PARTNERS_TOML, SECRET, Child, KafkaOffsets, RssSampler,
+    add_output_args, add_profile_args, child_env, finish_py_spy, host_busy_pct, host_cpu_ticks, host_info, log, mb,
+    median_run, positive_int, produce_records, profile_lines, ratio, run_and_report, settled_count, start_kafka,
     start_py_spy, thin, tree_cpu_s, tree_hwm_kb,
 )
-from deploy.procs import free_port, tail  # noqa: E402
-from deploy.providers import KafkaService, unique_name  # noqa: E402
-from postback.config import Settings  # noqa: E402
-from postback.partner_view import order_key  # noqa: E402
-from postback.topics import Topics, ensure_topics  # noqa: E402
+from deploy.procs import free_port, tail
+from deploy.providers import KafkaService, unique_name
+from postback.config import Settings
+from postback.partner_view import order_key
+from postback.topics import Topics, ensure_topics
 
-FORWARDER = BENCH_DIR / "bare_forwarder.py"
-FAUST_FLOOR = BENCH_DIR / "faust_floor.py"
+FORWARDER = "bench.bare_forwarder"
+FAUST_FLOOR = "bench.faust_floor"
 DEFAULT_JSON_OUT = BENCH_DIR / "results" / "process.json"
 KINDS = ("valid", "duplicate", "bad_signature", "late_click")
 DEFAULT_MIX = "valid=0.8,duplicate=0.1,bad_signature=0.05,late_click=0.05"
@@ -135,7 +108,6 @@ FORM = "application/x-www-form-urlencoded"
 READY = re.compile(r"\bReady\b")
 STARTED = re.compile(r"processor worker \d+ started")
 POLL_S = 0.2
-positive_float = checked_number("positive_float", float, lambda v: v > 0, "must be > 0, got {value}")
 
 
 # -- the workload ---------------------------------------------------------------------
@@ -184,7 +156,7 @@ class Workload:
 
 
 def build_workload(n: int, mix: dict[str, float], seed: int, tag: str) -> Workload:
-    from processors.signing import sign_query
+    from postback.signing import sign_query
     from schemas.codec import Codec
 
     rng = random.Random(seed)
@@ -260,76 +232,6 @@ def produce_all(bootstrap: str, topics: Topics, work: Workload) -> float:
 
 
 # -- measuring ------------------------------------------------------------------------
-class TopicCounter:
-    """Records per group of topics: the sum of their partitions' high watermarks, as
-    `KafkaService.count` computes it, but with one long-lived consumer so that polling
-    five times a second costs the host (and the worker under test) next to nothing."""
-
-    def __init__(self, bootstrap: str, groups: dict[str, Sequence[str]]) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("bench-count")})
-        self._bootstrap = bootstrap
-        self._group_consumers: dict[str, Any] = {}
-        self._parts: dict[str, list[Any]] = {}
-        for group, topics in groups.items():
-            self._parts[group] = []
-            for topic in topics:
-                meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
-                self._parts[group] += [TopicPartition(topic, p) for p in meta.partitions]
-
-    def ends(self, group: str) -> dict[tuple[str, int], int]:
-        """(topic, partition) -> high watermark, for the partitions of one group."""
-        return {(tp.topic, tp.partition): self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
-                for tp in self._parts[group]}
-
-    def totals(self) -> dict[str, int]:
-        return {group: sum(self.ends(group).values()) for group in self._parts}
-
-    def uncommitted(self, consumer_group: str, group: str) -> int:
-        """High watermarks minus `consumer_group`'s committed offsets over one group's partitions:
-        what a restart would read again."""
-        from confluent_kafka import Consumer
-
-        if consumer_group not in self._group_consumers:  # committed() answers for its own consumer's group
-            self._group_consumers[consumer_group] = Consumer({
-                "bootstrap.servers": self._bootstrap, "group.id": consumer_group, "enable.auto.commit": False})
-        committed = self._group_consumers[consumer_group].committed(self._parts[group], timeout=10)
-        ends = self.ends(group)
-        return sum(ends[(tp.topic, tp.partition)] - max(tp.offset, 0) for tp in committed)
-
-    def close(self) -> None:
-        for consumer in (self._consumer, *self._group_consumers.values()):
-            consumer.close()
-
-
-@dataclass
-class KillRecord:
-    """One SIGKILL of the worker's process tree and the restart after it. Times are seconds
-    since the first worker's `Popen`."""
-
-    at_s: float
-    #: outcome records (sum of high watermarks) once the killed worker was reaped
-    outputs_at_kill: int
-    #: (topic, partition) -> high watermark at that moment: where the restarted worker's records begin
-    ends: dict[tuple[str, int], int]
-    exit_code: int
-    restarted_s: float
-    first_new_output_s: float | None = None
-    ready_s: float | None = None
-
-    def report(self, repeated_outputs: collections.Counter[str]) -> dict[str, Any]:
-        def since(t: float | None, start: float) -> float | None:
-            return None if t is None else round(t - start, 2)
-
-        return {"at_s": round(self.at_s, 2), "outputs_at_kill": self.outputs_at_kill,
-                "exit_code": self.exit_code, "restarted_after_s": since(self.restarted_s, self.at_s),
-                "ready_after_restart_s": since(self.ready_s, self.restarted_s),
-                "first_new_output_after_restart_s": since(self.first_new_output_s, self.restarted_s),
-                "first_new_output_after_kill_s": since(self.first_new_output_s, self.at_s),
-                "repeated_outputs": sum(repeated_outputs.values()), "repeated_outputs_by_kind": dict(repeated_outputs)}
-
-
 @dataclass
 class WorkerRun:
     elapsed_s: float
@@ -346,65 +248,22 @@ class WorkerRun:
     profile: dict[str, Any] | None
     #: [seconds since start, outcomes, records in the internal dedupe topic, in the internal attribute topic]
     progress: list[list[float]]
-    #: kill mode: the kills, when the outcome records reached N, the read-backs after that, and whether every
-    #: receipt had an outcome before the --timeout
-    kills: list[KillRecord] = field(default_factory=list)
-    outputs_reached_n_s: float | None = None
-    read_backs: int = 0
-    every_receipt: bool = True
     #: records the processor group had not committed when the run was done, per topic group (see wait_for_commits)
     uncommitted: dict[str, int] = field(default_factory=dict)
 
 
-def kill_tree(child: Child) -> int:
-    """SIGKILL `child` and everything below it: its process group (it leads its own session,
-    see `bench.common.spawn`) and any descendant that left the group. Returns its exit code."""
-    pids = descendants(child.proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.proc.pid, signal.SIGKILL)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    child.proc.wait(timeout=30)
-    return child.stop()
-
-
-def kill_and_restart(worker: Child, index: int, counter: TopicCounter, argv: list[str], env: dict[str, str],
-                     scratch: Path, data_dir: Path, wipe_state: bool, t0: float) -> tuple[Child, KillRecord]:
-    """SIGKILL the worker's tree, note the outcome records it left, optionally delete its
-    state, and start the next worker with the same argv and env (so the same --data-dir)."""
-    at_s = time.monotonic() - t0
-    exit_code = kill_tree(worker)
-    ends = counter.ends("outcomes")
-    outputs = sum(ends.values())
-    if wipe_state:
-        shutil.rmtree(data_dir, ignore_errors=True)
-    restarted = Child(f"worker-restart-{index}", argv, env, scratch / f"worker-restart-{index}.log")
-    log(f"SIGKILLed the worker at {at_s:.1f}s (exit {exit_code}) with {outputs:,} outcome records; "
-        f"{'deleted its state, ' if wipe_state else ''}restarted it (pid {restarted.proc.pid})")
-    return restarted, KillRecord(at_s=at_s, outputs_at_kill=outputs, ends=ends, exit_code=exit_code,
-                                 restarted_s=restarted.started - t0)
-
-
 def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
                scratch: Path, work: Workload) -> WorkerRun:
-    """Start one worker, time it until N outcome records exist, SIGTERM it.
-
-    With --kill-after S: S seconds after the worker's first (new) output, SIGKILL it and start
-    another with the same argv, env and --data-dir (deleted first with --wipe-state), --kills
-    times. Then N outcome records may include identical repeats, so the run ends only when
-    the outputs, read back once a second, give every receipt an outcome."""
+    """Start one worker, time it until N outcome records exist, SIGTERM it."""
     n = len(work.kind_of)
-    kill_mode = args.kill_after is not None
-    counter = TopicCounter(kafka.bootstrap_servers, {
+    counter = KafkaOffsets(kafka.bootstrap_servers, {
         "outcomes": [topics.conversions.name, topics.rejections.name, topics.duplicates.name],
         "to_dedupe": [topics.processor_dedupe.name], "to_attribute": [topics.processor_attribute.name],
         "inputs": [topics.raw_postbacks.name, topics.clicks.name]})
-    data_dir = scratch / "worker-state"
-    argv = [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(data_dir),
+    argv = [sys.executable, "-m", "app.cli", "process", "--data-dir", str(scratch / "worker-state"),
             "--web-port", str(free_port()), "--late-click-wait", str(args.late_click_wait),
             "--loglevel", args.worker_loglevel]
-    cpu_before, host_before = 0.0, host_cpu_ticks()
+    host_before = host_cpu_ticks()
     worker = Child("worker", argv, env, scratch / "worker.log")
     t0 = worker.started
     profiler: Child | None = None
@@ -414,9 +273,6 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
         sampler.start()
         started_line_s = ready_s = first_output_s = None
         cpu_at_first_output = 0.0
-        cpu_killed, hwm_killed_kb = 0.0, 0  # of the workers killed so far
-        kills: list[KillRecord] = []
-        new_output_s: float | None = None  # the current worker's first new output
         last_log = 0.0
         progress: list[list[float]] = []
         deadline = t0 + args.timeout
@@ -426,68 +282,34 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
             counts = counter.totals()
             total = counts["outcomes"]
             elapsed = now - t0
-            if kills and kills[-1].ready_s is None:
-                if READY.search(worker.log_path.read_text(errors="replace")):
-                    kills[-1].ready_s = elapsed
-            elif not kills and (started_line_s is None or ready_s is None):
+            if started_line_s is None or ready_s is None:
                 text = worker.log_path.read_text(errors="replace")
                 if started_line_s is None and STARTED.search(text):
                     started_line_s = elapsed
                 if ready_s is None and READY.search(text):
                     ready_s = elapsed
-            if new_output_s is None and total > (kills[-1].outputs_at_kill if kills else 0):
-                new_output_s = elapsed
-                if kills:
-                    kills[-1].first_new_output_s = elapsed
-                else:
-                    first_output_s = elapsed
-                    cpu_at_first_output = tree_cpu_s(worker.proc.pid)
-                    if args.profile:
-                        profiler = start_py_spy(worker.proc.pid, args.timeout, scratch)
-                        log(f"py-spy sampling the worker (pid {worker.proc.pid}) ...")
+            if first_output_s is None and total > 0:
+                first_output_s = elapsed
+                cpu_at_first_output = tree_cpu_s(worker.proc.pid)
+                if args.profile:
+                    profiler = start_py_spy(worker.proc.pid, args.timeout, scratch)
+                    log(f"py-spy sampling the worker (pid {worker.proc.pid}) ...")
             progress.append([round(elapsed, 2), total, counts["to_dedupe"], counts["to_attribute"]])
             if total >= n:
                 break
-            if (kill_mode and len(kills) < args.kills and new_output_s is not None
-                    and elapsed - new_output_s >= args.kill_after):
-                cpu_killed += tree_cpu_s(worker.proc.pid)
-                hwm_killed_kb = max(hwm_killed_kb, tree_hwm_kb(worker.proc.pid))
-                worker, kill = kill_and_restart(worker, len(kills) + 1, counter, argv, env, scratch, data_dir,
-                                                args.wipe_state, t0)
-                kills.append(kill)
-                sampler.pids["worker"] = worker.proc.pid
-                new_output_s = None
-                continue
             if now - last_log >= 2.0:
                 last_log = now
                 log(f"{worker.name}: {elapsed:5.1f}s, {total:,}/{n:,} outcomes ({counts['to_dedupe']:,} records in "
                     f"the internal dedupe topic, {counts['to_attribute']:,} in the attribute topic)")
             if now > deadline:
-                if not kill_mode:
-                    raise RuntimeError(f"only {total} of {n} outcomes after {args.timeout:.0f}s:\n"
-                                       f"{tail(worker.log_path)}")
-                # Lost outputs are what kill mode is there to find: report them (the checks fail).
-                log(f"only {total:,} of {n:,} outcome records at the --timeout; checking what is there")
-                break
+                raise RuntimeError(f"only {total} of {n} outcomes after {args.timeout:.0f}s:\n{tail(worker.log_path)}")
             time.sleep(POLL_S)
-        outputs_reached_n_s = time.monotonic() - t0 if total >= n else None
-        read_backs, every_receipt = 0, True
-        if kill_mode:
-            if outputs_reached_n_s is not None and len(kills) < args.kills:
-                log(f"the outcome records reached {n:,} after {len(kills)} of {args.kills} kills: the run fails "
-                    f"(use a smaller --kill-after or more --postbacks)")
-            log(f"{total:,} outcome records after {time.monotonic() - t0:.2f}s; reading them back until every "
-                f"receipt has one (at most until the --timeout) ...")
-            read_backs, every_receipt = wait_for_every_receipt(kafka, topics, work, worker, deadline)
         elapsed_s = time.monotonic() - t0
-        outputs_at_done = counter.totals()["outcomes"] if kill_mode else total
-        cpu_s = cpu_killed + tree_cpu_s(worker.proc.pid) - cpu_before
-        hwm_kb = max(hwm_killed_kb, tree_hwm_kb(worker.proc.pid))
+        cpu_s = tree_cpu_s(worker.proc.pid)
+        hwm_kb = tree_hwm_kb(worker.proc.pid)
         host_after = host_cpu_ticks()
         sampler.stop()
-        if every_receipt:
-            log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start"
-                f"{f', {len(kills)} kill(s) and restart(s) included' if kill_mode else ''})")
+        log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start)")
         profile = None
         if profiler is not None:
             profile = finish_py_spy(profiler, scratch, args.profile_top, "first output -> N outcomes")
@@ -498,13 +320,10 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
             log(f"worker exited {exit_code}:\n{tail(worker.log_path)}")
         return WorkerRun(
             elapsed_s=elapsed_s, first_output_s=first_output_s, started_line_s=started_line_s, ready_s=ready_s,
-            outputs_at_done=outputs_at_done, cpu_s=cpu_s,
-            cpu_s_from_first_output=cpu_s + cpu_before - cpu_at_first_output,
-            cpu_pct=round(100 * cpu_s / elapsed_s, 1),
-            host_cpu_busy_pct=host_busy_pct(host_before, host_after),
+            outputs_at_done=total, cpu_s=cpu_s, cpu_s_from_first_output=cpu_s - cpu_at_first_output,
+            cpu_pct=round(100 * cpu_s / elapsed_s, 1), host_cpu_busy_pct=host_busy_pct(host_before, host_after),
             rss_kb_peak=max(hwm_kb, sampler.peak_kb["worker"]), exit_code=exit_code, profile=profile,
-            progress=progress, kills=kills, outputs_reached_n_s=outputs_reached_n_s,
-            read_backs=read_backs, every_receipt=every_receipt, uncommitted=uncommitted)
+            progress=progress, uncommitted=uncommitted)
     finally:
         if profiler is not None:
             profiler.stop(signal.SIGINT, timeout=10)
@@ -525,7 +344,7 @@ def committed_to_the_end(uncommitted: dict[str, int]) -> bool:
         uncommitted.get("to_dedupe", 0) + uncommitted.get("to_attribute", 0) <= TICKS_IN_FLIGHT
 
 
-def wait_for_commits(counter: TopicCounter, consumer_group: str, worker: Child,
+def wait_for_commits(counter: KafkaOffsets, consumer_group: str, worker: Child,
                      timeout: float = 20.0) -> dict[str, int]:
     """Once every receipt has an outcome, the processor group's offsets must reach the end of its
     inputs (a few ticks aside) within a few commit intervals. A commit stalled behind a record
@@ -534,7 +353,7 @@ def wait_for_commits(counter: TopicCounter, consumer_group: str, worker: Child,
     deadline = time.monotonic() + timeout
     while True:
         worker.check_alive()
-        left = {group: counter.uncommitted(consumer_group, group) for group in ("inputs", "to_dedupe", "to_attribute")}
+        left = {group: counter.lag(consumer_group, group) for group in ("inputs", "to_dedupe", "to_attribute")}
         if committed_to_the_end(left):
             log(f"the processor group committed to the end of its inputs ({left})")
             return left
@@ -542,31 +361,6 @@ def wait_for_commits(counter: TopicCounter, consumer_group: str, worker: Child,
             log(f"the processor group's commits did NOT reach the end after {timeout:.0f}s: uncommitted {left}")
             return left
         time.sleep(0.5)
-
-
-def wait_for_every_receipt(kafka: KafkaService, topics: Topics, work: Workload, worker: Child,
-                           deadline: float) -> tuple[int, bool]:
-    """Kill mode's end: after a crash, N outcome records can include identical repeats while
-    some receipts still have none, so read the outputs back (`read_outcomes`) once a second
-    until every receipt of the workload has an outcome, or until `deadline` (then the run
-    goes on to the checks, which report the missing receipts). Returns the number of
-    read-backs and whether every receipt had an outcome."""
-    n = len(work.kind_of)
-    reads = 0
-    while True:
-        worker.check_alive()
-        found = read_outcomes(kafka, topics)
-        reads += 1
-        have = len(found.keys() & work.kind_of.keys())
-        records = sum(map(len, found.values()))
-        if have >= n:
-            log(f"every receipt has an outcome ({records:,} records, read-back {reads})")
-            return reads, True
-        if time.monotonic() > deadline:
-            log(f"giving up at the --timeout: {n - have:,} receipts have no outcome ({records:,} records)")
-            return reads, False
-        log(f"{worker.name}: {have:,}/{n:,} receipts have an outcome ({records:,} records)")
-        time.sleep(1.0)
 
 
 class Output(NamedTuple):
@@ -590,21 +384,6 @@ def read_outcomes(kafka: KafkaService, topics: Topics) -> dict[str, list[Output]
             name, record = decode_any(msg.value())
             found[record["receipt_id"]].append(Output(name, record, spec.name, msg.partition(), msg.offset()))
     return found
-
-
-def repeats_per_run(found: dict[str, list[Output]], kills: list[KillRecord]) -> list[collections.Counter[str]]:
-    """Output records of a receipt that already had one, per record name, counted per worker
-    run: index 0 is the first worker, i the one started after kill i (a record belongs to the
-    last run whose kill-time high watermark of its partition it is at or past)."""
-    repeats: list[collections.Counter[str]] = [collections.Counter() for _ in range(len(kills) + 1)]
-
-    def run_of(out: Output) -> int:
-        return sum(out.offset >= kill.ends[(out.topic, out.partition)] for kill in kills)
-
-    for outs in found.values():
-        for out in sorted(outs, key=lambda o: (run_of(o), o.topic, o.offset))[1:]:
-            repeats[run_of(out)][out.name] += 1
-    return repeats
 
 
 def check_outcomes(found: dict[str, list[Output]], work: Workload) -> dict[str, Any]:
@@ -679,12 +458,6 @@ def check_outcomes(found: dict[str, list[Output]], work: Workload) -> dict[str, 
     }
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median run by events/s, with how many runs there were and each one's events/s."""
-    median = sorted(runs, key=lambda r: r["events_per_s"])[(len(runs) - 1) // 2]
-    return dict(median, runs=len(runs), events_per_s_all_runs=[r["events_per_s"] for r in runs])
-
-
 def run_baseline(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
                  scratch: Path, n: int) -> dict[str, Any]:
     """`--baseline-runs` runs (each a fresh group and output topic); the median run by events/s."""
@@ -747,7 +520,7 @@ def run_timed_child(name: str, argv: list[str], env: dict[str, str], log_path: P
 def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
                       scratch: Path, n: int) -> dict[str, Any]:
     out_topic = kafka.create_topic(f"{topics.prefix}.bare-out", partitions=topics.raw_postbacks.partitions)
-    argv = [sys.executable, str(FORWARDER), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
+    argv = [sys.executable, "-m", FORWARDER, "--bootstrap", kafka.bootstrap_servers, "--topic-in",
             topics.raw_postbacks.name, "--topic-out", out_topic, "--count", str(n), "--timeout", str(args.timeout)]
     result, timing = run_timed_child("baseline", argv, env, scratch / "baseline.log", n, args.timeout, "t_last_ack")
     return dict(timing, records_in_output_topic=settled_count(kafka, out_topic, n),
@@ -757,7 +530,7 @@ def run_baseline_once(args: argparse.Namespace, kafka: KafkaService, topics: Top
 def run_faust_floor_once(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
                          scratch: Path, n: int) -> dict[str, Any]:
     # The app id starts with the run's topic prefix, so faust's assignor topic is deleted with the others.
-    argv = [sys.executable, str(FAUST_FLOOR), "--bootstrap", kafka.bootstrap_servers, "--topic-in",
+    argv = [sys.executable, "-m", FAUST_FLOOR, "--bootstrap", kafka.bootstrap_servers, "--topic-in",
             topics.raw_postbacks.name, "--count", str(n), "--timeout", str(args.timeout), "--mode",
             args.faust_floor_mode, "--app-id-prefix", f"{topics.prefix}-faust-floor"]
     out_topic = None
@@ -770,10 +543,6 @@ def run_faust_floor_once(args: argparse.Namespace, kafka: KafkaService, topics: 
     if out_topic is not None:
         extra.update(records_in_output_topic=settled_count(kafka, out_topic, n), acked=result["acked"])
     return dict(timing, **extra)
-
-
-def rate_ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return round(numerator / denominator, 4) if numerator and denominator else None
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -806,9 +575,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         POSTBACK_CONFIG=str(partners))
         worker_env = dict(env, **dict(args.worker_env))
 
-        log(f"starting one worker (late-click-wait {args.late_click_wait:g}s), timing until {n:,} outcomes"
-            + (f"; SIGKILL {args.kill_after:g}s after its first (new) output, {args.kills} time(s), state "
-               f"{'deleted' if args.wipe_state else 'kept'} before each restart" if args.kill_after else "") + " ...")
+        log(f"starting one worker (late-click-wait {args.late_click_wait:g}s), timing until {n:,} outcomes ...")
         w = run_worker(args, kafka, topics, worker_env, scratch, work)
         log("reading all outcomes back ...")
         found = read_outcomes(kafka, topics)
@@ -816,14 +583,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         log(f"outcomes {'correct' if details['correct'] else 'NOT correct'}: {details['outcomes']} "
             f"(expected {details['expected']}; {details['repeated_identical_records']} identical repeats)")
 
-        baseline = faust_floor = None
-        if args.kill_after:
-            log("kill mode: the baseline and the faust floor are skipped (a throughput with recovery in it "
-                "is not comparable with them)")
-        else:
-            log("baseline: bare consume -> produce loop over the same raw postbacks ...")
-            baseline = run_baseline(args, kafka, topics, env, scratch, n)
-        if not args.no_faust_floor and not args.kill_after:
+        log("baseline: bare consume -> produce loop over the same raw postbacks ...")
+        baseline = run_baseline(args, kafka, topics, env, scratch, n)
+        faust_floor = None
+        if not args.no_faust_floor:
             log(f"faust floor: a faust app that only reads the same raw postbacks ({args.faust_floor_mode}) ...")
             faust_floor = run_faust_floor(args, kafka, topics, env, scratch, n)
 
@@ -848,10 +611,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "profiled": bool(args.profile),
         "extra_env": dict(args.worker_env),
         "exit_code": w.exit_code,
-        # Kill mode: every rate and elapsed time above includes the kills, restarts and recovery.
-        "throughput_includes_recovery": bool(args.kill_after),
     }
-    kill = kill_report(args, w, found) if args.kill_after else None
     base, floor = baseline or {}, faust_floor or {}
     details.update({
         "counts": work.counts,
@@ -861,9 +621,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "raw_record_bytes_avg": round(work.raw_bytes / n, 1),
         "clicks": {"before_postbacks": len(work.clicks_first), "after_postbacks": len(work.clicks_last)},
         "prefill_s": round(prefill_s, 2),
-        "ratio_from_first_output": rate_ratio(worker["events_per_s_from_first_output"],
+        "ratio_from_first_output": ratio(worker["events_per_s_from_first_output"],
                                               base.get("events_per_s_from_first_record")),
-        "ratio_to_faust_floor_from_first_output": rate_ratio(worker["events_per_s_from_first_output"],
+        "ratio_to_faust_floor_from_first_output": ratio(worker["events_per_s_from_first_output"],
                                                              floor.get("events_per_s_from_first_record")),
         "outputs_when_timed": w.outputs_at_done,
         "progress_columns": ["s_since_start", "outcomes", "internal_dedupe_records", "internal_attribute_records"],
@@ -873,34 +633,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     })
     if w.profile is not None:
         details["profile"] = w.profile
-    host["loadavg_end"] = loadavg()
     return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
-            "ratio": rate_ratio(worker["events_per_s"], base.get("events_per_s")), "faust_floor": faust_floor,
-            "ratio_to_faust_floor": rate_ratio(worker["events_per_s"], floor.get("events_per_s")),
-            "correct": details["correct"] and committed_to_the_end(w.uncommitted), "kill": kill,
+            "ratio": ratio(worker["events_per_s"], base.get("events_per_s")), "faust_floor": faust_floor,
+            "ratio_to_faust_floor": ratio(worker["events_per_s"], floor.get("events_per_s")),
+            "correct": details["correct"] and committed_to_the_end(w.uncommitted),
             "details": details, "host": host}
-
-
-def kill_report(args: argparse.Namespace, w: WorkerRun, found: dict[str, list[Output]]) -> dict[str, Any]:
-    """The report's `kill` block: what was killed when, how long recovery took, and the
-    identical repeats each restarted worker wrote."""
-    repeats = repeats_per_run(found, w.kills)
-    return {
-        "kill_after_s": args.kill_after,
-        "kills": args.kills,
-        "kills_done": len(w.kills),
-        "complete": len(w.kills) == args.kills,
-        "wipe_state": args.wipe_state,
-        "per_kill": [k.report(repeats[i + 1]) for i, k in enumerate(w.kills)],
-        "repeated_outputs": sum(sum(run.values()) for run in repeats),
-        "repeated_outputs_by_kind": dict(sum(repeats, collections.Counter())),
-        "repeated_outputs_before_first_kill": sum(repeats[0].values()),
-        # null: the outcome records never reached N (outputs were lost)
-        "outputs_reached_n_s": None if w.outputs_reached_n_s is None else round(w.outputs_reached_n_s, 2),
-        # null: some receipts still had none at the --timeout (the checks then fail)
-        "every_receipt_had_an_outcome_s": round(w.elapsed_s, 2) if w.every_receipt else None,
-        "read_backs": w.read_backs,
-    }
 
 
 def copy_logs(scratch: Path, logs_dir: Path) -> None:
@@ -913,47 +650,23 @@ def copy_logs(scratch: Path, logs_dir: Path) -> None:
 
 
 def comparison_row(label: str, r: dict[str, Any]) -> str:
-    """A summary table row for the baseline or the faust floor (a median of short runs)."""
-    return (f"| {label} (median of {r['runs']}) | {r['events_per_s']:,.0f} | {r['elapsed_s']} | "
+    """A summary table row for the baseline or the faust floor (the median of short runs, and their spread)."""
+    s = r["events_per_s_spread"]
+    return (f"| {label} (median of {r['runs']}, min {s['min']:,.0f}, max {s['max']:,.0f}) | "
+            f"{r['events_per_s']:,.0f} | {r['elapsed_s']} | "
             f"{r['events_per_s_from_first_record'] or 0:,.0f} | {r['cpu_pct']} | {r['cpu_ms_per_event']} | "
             f"{r['rss_mb_peak']} |")
 
 
-def seconds(value: float | None) -> str:
-    return "never" if value is None else f"{value}s"
-
-
-def kill_lines(kill: dict[str, Any] | None) -> list[str]:
-    """The summary's kill-mode block."""
-    if kill is None:
-        return []
-    return ["", f"kill mode: {kill['kills_done']} of {kill['kills']} SIGKILL(s), each {kill['kill_after_s']:g}s after "
-                f"the worker's first (new) output; state {'deleted' if kill['wipe_state'] else 'kept'} before each "
-                f"restart; {kill['repeated_outputs']} repeated outputs in all {kill['repeated_outputs_by_kind']}",
-            *(f"  kill {i}: at {k['at_s']}s with {k['outputs_at_kill']:,} outputs; first new output "
-              f"{seconds(k['first_new_output_after_kill_s'])} after the kill "
-              f"({seconds(k['first_new_output_after_restart_s'])} after the restart, Ready after "
-              f"{seconds(k['ready_after_restart_s'])}); {k['repeated_outputs']} repeats"
-              for i, k in enumerate(kill["per_kill"], 1)),
-            (f"  outcome records reached N after {kill['outputs_reached_n_s']}s; "
-             if kill["outputs_reached_n_s"] is not None else "  outcome records NEVER reached N; ")
-            + (f"every receipt had one after {kill['every_receipt_had_an_outcome_s']}s"
-               if kill["every_receipt_had_an_outcome_s"] is not None else "NOT every receipt had one at the --timeout")
-            + f" ({kill['read_backs']} read-backs)",
-            *([] if kill["complete"] else [f"  FAILED: only {kill['kills_done']} of {kill['kills']} kills happened "
-                                           f"(use a smaller --kill-after or more --postbacks)"])]
-
-
 def summary(report: dict[str, Any]) -> str:
     w, b, f, d = report["worker"], report["baseline"], report["faust_floor"], report["details"]
-    worker_label = "worker, incl. kills and recovery" if w["throughput_includes_recovery"] else "worker"
     lines = [
         f"process benchmark: {report['postbacks']:,} postbacks, one worker, Kafka {d['kafka']}, "
         f"{report['host']['cpus']} CPUs",
         "",
         "| | events/s from start | elapsed s | events/s from first output | CPU % | CPU ms/event | RSS peak MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| {worker_label} | {w['events_per_s']:,.0f} | {w['elapsed_s']} | "
+        f"| worker | {w['events_per_s']:,.0f} | {w['elapsed_s']} | "
         f"{w['events_per_s_from_first_output'] or 0:,.0f} | {w['cpu_pct']} | {w['cpu_ms_per_event']} | "
         f"{w['rss_mb_peak']} |",
         *([comparison_row("baseline", b)] if b else []),
@@ -968,7 +681,6 @@ def summary(report: dict[str, Any]) -> str:
         f"uncommitted by the processor group when done: {d['uncommitted_when_done']} "
         f"({'at the end' if committed_to_the_end(d['uncommitted_when_done']) else 'NOT at the end: FAILED'})",
     ]
-    lines += kill_lines(report["kill"])
     lines += profile_lines(d)
     return "\n".join(lines)
 
@@ -982,19 +694,17 @@ def env_pair(text: str) -> tuple[str, str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench/process.py",
-        description="Benchmark one processor worker (python -m postback.cli process: verify signatures, dedupe, "
+        prog="python -m bench.process",
+        description="Benchmark one processor worker (python -m app.cli process: verify signatures, dedupe, "
                     "attribute) against a real Kafka: pre-fill clicks and N signed raw postbacks, time the worker "
                     "from start until N outcomes (conversions + rejections + duplicates) are in Kafka, check "
                     "every outcome, and time a bare confluent-kafka consume->produce loop (bench/bare_forwarder.py) "
                     "and a faust app that only counts them (bench/faust_floor.py) over the same records in the "
-                    "same run. With --kill-after: a crash-recovery run instead (SIGKILL the worker, restart it, "
-                    "check that every receipt still gets exactly one outcome; no baseline or faust floor). One "
-                    "JSON document goes to stdout (and --json-out); progress and a summary go to stderr.",
+                    "same run. One JSON document goes to stdout (and --json-out); progress and a summary go to stderr.",
         epilog="Kafka: KAFKA_BOOTSTRAP_SERVERS if set, else a local Apache Kafka started in a temp dir. On a "
                "shared machine compare the ratio within one run, not absolute events/s across runs. Exit "
-               "status: 0 ok, 1 outcomes not correct, the worker did not exit 0 on SIGTERM or (kill mode) fewer kills "
-               "than --kills happened before the outcomes were complete, 130 interrupted.")
+               "status: 0 ok, 1 outcomes not correct, the worker did not exit 0 on SIGTERM, 130 "
+               "interrupted. Crash recovery is a test: tests/processors/test_crash_recovery.py.")
     parser.add_argument("--postbacks", type=positive_int, default=20_000, metavar="N",
                         help="raw postbacks to process (default 20000)")
     parser.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX), metavar="KIND=F,...",
@@ -1017,27 +727,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the worker only, repeatable; for what-if runs with faust "
                              "settings, e.g. PRODUCER_LINGER=0.005 (recorded in worker.extra_env)")
-    kill = parser.add_argument_group(
-        "crash recovery", "SIGKILL the worker mid-run and restart it: at-least-once may then write identical "
-        "repeats, so the run ends when every receipt has an outcome (outputs read back once a second once "
-        "the outcome records reach N), and the usual checks must still pass. Every rate and elapsed time then "
-        "includes the kills and recovery (worker.throughput_includes_recovery), so it is not comparable with "
-        "a normal run; the baseline and the faust floor are skipped (--baseline-runs, --no-faust-floor and "
-        "--faust-floor-mode have no effect). The report's `kill` block has the figures.")
-    kill.add_argument("--kill-after", type=positive_float, metavar="S",
-                      help="S seconds after the worker's first output record, SIGKILL its process tree and start "
-                           "a new worker with the same argv, environment and --data-dir (state kept) (default: "
-                           "no kill)")
-    kill.add_argument("--kills", type=positive_int, default=1, metavar="K",
-                      help="with --kill-after: kill K times, each S seconds after the restarted worker's first new "
-                           "output record (default 1)")
-    kill.add_argument("--wipe-state", action="store_true",
-                      help="with --kill-after: delete the worker's --data-dir before each restart, so its tables "
-                           "are rebuilt from their changelog topics")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
                         help="give up when the worker, the baseline or the faust floor takes longer (default "
-                             "900); in kill mode the run then goes on to the checks, which report what is missing")
+                             "900)")
     add_profile_args(parser, "sample the worker with py-spy (non-blocking, 100 Hz) from its first output to the "
                      "end; adds the top self-time and inclusive frames to details.profile. It costs the "
                      "worker some CPU: quote events/s from a run without it",
@@ -1046,18 +739,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "copy the worker's (and each restarted worker's), the baseline's and the faust floor's logs (and "
                     "py-spy's raw output) here")
     args = parser.parse_args(argv)
-    if args.kill_after is None and (args.wipe_state or args.kills != 1):
-        parser.error("--kills and --wipe-state need --kill-after")
-    if args.kill_after is not None and args.profile:
-        parser.error("--profile cannot follow a worker that is killed: run it without --kill-after")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return run_and_report(lambda: benchmark(args), args.json_out, summary,
-                          lambda report: report["correct"] and report["worker"]["exit_code"] == 0
-                          and (report["kill"] is None or report["kill"]["complete"]))
+                          lambda report: report["correct"] and report["worker"]["exit_code"] == 0)
 
 
 if __name__ == "__main__":

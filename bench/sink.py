@@ -1,7 +1,7 @@
 """ClickHouse sink throughput, memory and correctness, against a real Kafka and a real ClickHouse.
 
 What it answers: how many conversion records per second one sink process
-(`python -m postback.cli sink --only clickhouse`) moves from the conversions topic into
+(`python -m app.cli sink --only clickhouse`) moves from the conversions topic into
 ClickHouse, how much memory it takes, whether ClickHouse then holds exactly what it
 should, and how that rate compares with inserting the very same rows straight into a
 copy of the same tables with clickhouse-connect (no Kafka, no Avro decoding) in the
@@ -76,20 +76,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/sink.py`, Python puts bench/ first on sys.path, where bench/ingest.py would
-# shadow the `ingest` package: put the repository there instead (see bench/common.py).
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-from bench.common import (  # noqa: E402
-    BENCH_DIR, CROCKFORD, Child, RssSampler, add_output_args, add_profile_args, child_env, descendants,
-    finish_py_spy, host_busy_pct, host_cpu_ticks, host_info, loadavg, log, mb, positive_int, produce_records,
+from bench.harness import (
+    BENCH_DIR, CROCKFORD, Child, KafkaOffsets, RssSampler, add_output_args, add_profile_args, child_env, descendants,
+    finish_py_spy, host_busy_pct, host_cpu_ticks, host_info, log, mb, positive_int, produce_records, ratio,
     profile_lines, run_and_report, start_kafka, start_py_spy, thin, tree_cpu_s,
 )
-from deploy.procs import tail  # noqa: E402
-from deploy.providers import ClickHouseService, KafkaService, clickhouse_service, unique_name  # noqa: E402
-from postback.config import Settings  # noqa: E402
-from postback.topics import Topics, ensure_topics  # noqa: E402
+from deploy.procs import tail
+from deploy.providers import ClickHouseService, KafkaService, clickhouse_service, unique_name
+from postback.config import Settings
+from postback.topics import Topics, ensure_topics
 
 DEFAULT_JSON_OUT = BENCH_DIR / "results" / "sink.json"
 POLL_S = 0.2
@@ -238,38 +233,23 @@ def table_counts(client: Any, database: str) -> tuple[int, int]:
         return -1, -1
 
 
-class CommittedOffsets:
-    """Offsets the sink's consumer group committed on the conversions topic, summed over its
-    partitions. The sink commits a batch only after inserting it into every table, so the
-    sum reaching N means every record is in ClickHouse. Read-only (OffsetFetch): this
-    consumer never subscribes, so it never joins or disturbs the sink's group."""
-
-    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                                   "enable.auto.commit": False})
-        parts = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self._tps = [TopicPartition(topic, p) for p in parts]
-
-    def total(self) -> int:
-        try:
-            return sum(max(0, tp.offset) for tp in self._consumer.committed(self._tps, timeout=5))
-        except Exception:  # noqa: BLE001 - coordinator not ready yet: nothing committed as far as we know
-            return 0
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
 def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHouseService, topics: Topics,
              database: str, env: dict[str, str], scratch: Path, n: int) -> dict[str, Any]:
     """Start the sink, time it until all N records are inserted (and committed), SIGTERM it."""
     client = clickhouse.client()
-    committed = CommittedOffsets(kafka.bootstrap_servers, f"{topics.prefix}-sink-clickhouse",
-                                 topics.conversions.name)
+    # The sink commits a batch only after inserting it into every table, so its group's committed
+    # offsets on the conversions topic reaching N means every record is in ClickHouse.
+    offsets = KafkaOffsets(kafka.bootstrap_servers, {"conversions": [topics.conversions.name]})
+    group = f"{topics.prefix}-sink-clickhouse"
+
+    def committed() -> int:
+        try:
+            return offsets.committed(group, "conversions", timeout=5)
+        except Exception:  # noqa: BLE001 - coordinator not ready yet: nothing committed as far as we know
+            return 0
+
     ch_pid = clickhouse_server_pid()
-    argv = [sys.executable, "-m", "postback.cli", "sink", "--only", "clickhouse", "--database", database,
+    argv = [sys.executable, "-m", "app.cli", "sink", "--only", "clickhouse", "--database", database,
             "--batch-rows", str(args.batch_rows), "--batch-seconds", str(args.batch_seconds)]
     log_path = scratch / "sink.log"
     ch_cpu_before = tree_cpu_s(ch_pid) if ch_pid else 0.0
@@ -285,7 +265,7 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
         while True:
             sink.check_alive()
             conv, outcomes = table_counts(client, database)
-            done = committed.total()
+            done = committed()
             now = time.monotonic()
             elapsed = now - sink.started
             progress.append([round(elapsed, 2), conv, outcomes, done])
@@ -328,7 +308,7 @@ def run_sink(args: argparse.Namespace, kafka: KafkaService, clickhouse: ClickHou
         sampler.stop()
         sink.stop()
         client.close()
-        committed.close()
+        offsets.close()
     steady_s = done_s - first_s
     result = {
         "rows_per_s": round(n / done_s, 1),
@@ -571,7 +551,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     shutil.copy(scratch / name, args.logs_dir / name)
             log(f"logs copied to {args.logs_dir}")
 
-    ratio = round(sink["rows_per_s"] / baseline["rows_per_s"], 4) if baseline["rows_per_s"] else None
     baseline["timed"] = ("building the Arrow tables from the row tuples + insert_arrow" if method == "insert_arrow"
                          else "transposing the row tuples to columns + client.insert(column_oriented=True)")
     baseline["tables_per_batch"] = list(TABLES)
@@ -586,8 +565,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "record_bytes_avg": round(work.value_bytes / n, 1),
         "prefill_s": round(prefill_s, 2),
         "goal_rows_per_s": GOAL_ROWS_PER_S,
-        "ratio_after_first_row": round(sink["rows_per_s_after_first_row"] / baseline["rows_per_s"], 4)
-        if sink["rows_per_s_after_first_row"] and baseline["rows_per_s"] else None,
+        "ratio_after_first_row": ratio(sink["rows_per_s_after_first_row"], baseline["rows_per_s"]),
         "python_decode_and_rows": {"seconds": round(decode_s, 3), "rows_per_s": round(n / decode_s, 1),
                                    "note": "decode_any + conversion_rows over the N records in this process, "
                                            "single-threaded: a ceiling for any sink doing this in Python"},
@@ -598,8 +576,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     })
     if sink_run["profile"] is not None:
         details["profile"] = sink_run["profile"]
-    host["loadavg_end"] = loadavg()
-    return {"benchmark": "sink", "rows": n, "sink": sink, "baseline": baseline, "ratio": ratio,
+    return {"benchmark": "sink", "rows": n, "sink": sink, "baseline": baseline,
+            "ratio": ratio(sink["rows_per_s"], baseline["rows_per_s"]),
             "correct": details["correct"] and baseline["complete"], "details": details, "host": host}
 
 
@@ -640,8 +618,8 @@ def fraction(text: str) -> float:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench/sink.py",
-        description="Benchmark one ClickHouse sink process (python -m postback.cli sink --only clickhouse) "
+        prog="python -m bench.sink",
+        description="Benchmark one ClickHouse sink process (python -m app.cli sink --only clickhouse) "
                     "against a real Kafka and a real ClickHouse: pre-fill the conversions topic with N Avro "
                     "Conversion records (new conversions, ~10% status-change versions, ~3% refunds), time the "
                     "sink from start until N rows are in the conversions table, check the FINAL counts, and, "

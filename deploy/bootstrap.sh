@@ -13,7 +13,7 @@ need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 required=${#need_apt[@]}
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)   # optional: the load generator of bench/ingest.py
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)   # optional: the load generator of python -m bench.ingest_http
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing ${need_apt[*]} with apt-get"
@@ -22,7 +22,7 @@ if ((${#need_apt[@]})); then
   elif ((required)); then
     say "missing: ${need_apt[*]} (install Java 17+ and Maven, then re-run)"; exit 1
   else
-    say "optional: ${need_apt[*]} not installed (only bench/ingest.py needs it)"
+    say "optional: ${need_apt[*]} not installed (only python -m bench.ingest_http needs it)"
   fi
 fi
 

@@ -45,6 +45,10 @@ SIGNATURE_HEADERS = ("X-Postback-Timestamp", "X-Postback-Key-Id", "X-Postback-Si
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 
+#: Answers a receipt lookup: (ClickHouse client, receipt id) -> the JSON answer, whose
+#: "status" is "unknown" for a receipt not seen (404). Given by the application layer.
+ReceiptLookup = Callable[[Any, str], dict[str, Any]]
+
 PRODUCER: web.AppKey[AsyncProducer] = web.AppKey("producer", AsyncProducer)
 METRICS: web.AppKey[IngestMetrics] = web.AppKey("metrics", IngestMetrics)
 
@@ -70,8 +74,10 @@ class Ingester:
     """Request handlers bound to one producer, topic set and partner configuration."""
 
     def __init__(self, opts: IngestOptions, topics: Topics, partners: PartnerConfig,
-                 producer_factory: Callable[[asyncio.AbstractEventLoop], AsyncProducer]) -> None:
+                 producer_factory: Callable[[asyncio.AbstractEventLoop], AsyncProducer],
+                 receipt_lookup: ReceiptLookup | None = None) -> None:
         self.opts = opts
+        self.receipt_lookup = receipt_lookup
         self.topics = topics
         self.partners = partners
         self.limits = v.Limits(max_body_bytes=opts.max_body_bytes)
@@ -253,7 +259,7 @@ class Ingester:
 
     async def receipt(self, request: web.Request) -> web.Response:
         """A receipt's outcome from ClickHouse, for partners debugging their postbacks."""
-        if not self.opts.clickhouse_url:
+        if not self.opts.clickhouse_url or self.receipt_lookup is None:
             return _json(503, {"status": "unavailable", "reason": "lookup_not_configured"})
         receipt_id = request.match_info["receipt_id"]
         try:
@@ -265,8 +271,7 @@ class Ingester:
         return _json(404 if answer["status"] == "unknown" else 200, answer)
 
     def _lookup(self, receipt_id: str) -> dict[str, Any]:
-        from sinks.queries import receipt_outcome
-
+        assert self.receipt_lookup is not None
         client = getattr(self._clients, "client", None)
         if client is None:  # clickhouse-connect clients are session-bound: one per executor thread
             import clickhouse_connect
@@ -274,7 +279,7 @@ class Ingester:
             client = clickhouse_connect.get_client(dsn=self.opts.clickhouse_url,
                                                    database=self.opts.clickhouse_database)
             self._clients.client = client
-        return receipt_outcome(client, receipt_id)
+        return self.receipt_lookup(client, receipt_id)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})

@@ -3,7 +3,7 @@
 Why: an advertiser who switches networks pastes the postback URL template it already
 has, written for another tracker. ``preset = "<name>"`` in an advertiser's table fills
 in that platform's parameter names (aliases), status codes, event parameter and auth
-parameter. The loader (``postback.partners``) merges the advertiser's own keys over
+parameter. The loader (``postback.partner_loader``) merges the advertiser's own keys over
 the preset (the four maps entry by entry) and validates the result exactly like a
 hand-written table, so a preset can never carry a value a user could not write.
 

@@ -69,7 +69,7 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
                             "Conversion", False, None)),
     # Internal to the processors: repartitioning by dedupe key, then by click_id. Each record is
     # an envelope (a JSON array of messages, no key) on the partition murmur2 gives the key
-    # named here (processors/publish.py). Created up front (not by faust), so a worker never
+    # named here (processors/runtime/publish.py). Created up front (not by faust), so a worker never
     # starts subscribed to a missing topic.
     ("processor_dedupe", ("processor-dedupe", "partition of the dedupe key", 6, "internal-json", False,
                           7 * _DAY_MS)),

@@ -2,8 +2,9 @@
 
 Pure functions over one recorded request (a ``RawPostback``) and the advertiser's
 configuration; no I/O, no clock. The partner-facing specification, with test vectors,
-is ``docs/signing.md``; this module is its reference implementation and the tests check
-the two agree.
+is ``docs/signing.md``; this module (the verifier) and ``postback.signing`` (the
+signer: ``canonical_query``, ``sign_query``, ``sign_json``, re-exported here) are its
+reference implementation, and the tests check the three agree.
 
 Three ways to authenticate a postback
 =====================================
@@ -98,10 +99,21 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
+
+from postback.signing import (
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    canonical_query,
+    hmac_hex,
+    json_message,
+    sign_json,
+    sign_query,
+)
 
 if TYPE_CHECKING:  # only attribute access at run time; keeps this module import-light
     from postback.partners import Advertiser
@@ -120,18 +132,12 @@ __all__ = [
     "sign_query",
 ]
 
-SIGNATURE_HEADER = "X-Postback-Signature"
-TIMESTAMP_HEADER = "X-Postback-Timestamp"
-KEY_ID_HEADER = "X-Postback-Key-Id"
-
 #: Every ``AuthFailed.reason`` (a subset of the Rejection schema's reasons).
 REASONS = frozenset({
     "missing_signature", "bad_signature", "stale_timestamp", "unknown_key_id", "ip_not_allowed",
     "auth_mode_not_allowed", "invalid_field",
 })
 
-#: Characters RFC 3986 calls unreserved; ``quote`` never encodes A-Z a-z 0-9 either.
-_UNRESERVED = "-_.~"
 #: Parameters with a meaning for authentication; each may be sent at most once.
 _AUTH_PARAMS = ("ts", "kid", "sig", "token")
 #: At most this many ``v1=`` values are checked (a rotation needs two).
@@ -167,81 +173,6 @@ class AuthFailed:
 
     reason: str
     detail: str
-
-
-# --------------------------------------------------------------------------- signing
-
-
-def _encode(s: str) -> str:
-    # Raises UnicodeEncodeError (a ValueError) for lone surrogates: not valid UTF-8.
-    return quote(s, safe=_UNRESERVED, encoding="utf-8", errors="strict")
-
-
-def canonical_query(params: Iterable[tuple[str, str]], unsigned: Container[str] = ("sig",)) -> str:
-    """The string a query/form signature covers.
-
-    Every parameter except the signature itself (``sig``, or the names in ``unsigned``:
-    an advertiser's alias for ``sig``), under the names and with the values as sent;
-    key and value UTF-8 percent-encoded per RFC 3986 (only ``A-Z a-z 0-9 - _ . ~``
-    left as they are); pairs sorted by encoded key, then encoded value; joined as
-    ``k=v`` with ``&``. Duplicates are kept.
-    """
-    pairs = sorted((_encode(k), _encode(v)) for k, v in params if k not in unsigned)
-    return "&".join(f"{k}={v}" for k, v in pairs)
-
-
-def _hmac_hex(secret: str, message: bytes) -> str:
-    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
-
-
-def _check_ts(ts: int) -> str:
-    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-        raise ValueError(f"ts must be a non-negative integer (unix seconds), got {ts!r}")
-    return str(ts)
-
-
-def sign_query(params: Sequence[tuple[str, str]], secret: str, ts: int,
-               kid: str | None = None) -> list[tuple[str, str]]:
-    """``params`` with ``ts`` (and ``kid``) and then ``sig`` appended, ready to send.
-
-    Send the result as the query string (or form body) percent-encoded any way you like;
-    the canonical string does not depend on how the wire encoding was done.
-    """
-    for k, _ in params:
-        if k in ("ts", "kid", "sig"):
-            raise ValueError(f"params already contain {k!r}; it is added by sign_query")
-    signed = [(k, v) for k, v in params] + [("ts", _check_ts(ts))]
-    if kid is not None:
-        signed.append(("kid", kid))
-    signed.append(("sig", _hmac_hex(secret, canonical_query(signed).encode("ascii"))))
-    return signed
-
-
-def _json_message(ts: str, body: bytes) -> bytes:
-    return ts.encode("ascii") + b"." + bytes(body)
-
-
-def sign_json(body: bytes, secrets: Sequence[str] | str, ts: int,
-              kid: str | None = None) -> dict[str, str]:
-    """The headers that sign a (JSON) ``body``: timestamp, key id and ``v1=`` signatures.
-
-    Several secrets give several ``v1=`` values (use this while a key is rotated and you
-    do not know which key the receiver has yet). ``kid`` names the one key used, so it
-    may only be given with a single secret.
-    """
-    secret_list = [secrets] if isinstance(secrets, str) else list(secrets)
-    if not secret_list:
-        raise ValueError("at least one secret is required")
-    if kid is not None and len(secret_list) != 1:
-        raise ValueError("kid names one key: give it with exactly one secret "
-                         "(with several secrets, send no key id and let the receiver try its keys)")
-    ts_s = _check_ts(ts)
-    message = _json_message(ts_s, body)
-    headers = {TIMESTAMP_HEADER: ts_s}
-    if kid is not None:
-        headers[KEY_ID_HEADER] = kid
-    headers[SIGNATURE_HEADER] = ",".join(f"v1={_hmac_hex(s, message)}" for s in secret_list)
-    return headers
 
 
 # --------------------------------------------------------------------------- helpers
@@ -494,7 +425,7 @@ def authenticate(
         presented = [v.lower() for v in values if _HEX64_RE.fullmatch(v)]
         if not presented:
             return _failed("bad_signature", f"no v1 value in {SIGNATURE_HEADER} is 64 hexadecimal digits")
-        message = _json_message(checked, body)
+        message = json_message(checked, body)
         shown = ""
     else:
         sig = auth["sig"][0]
@@ -511,7 +442,7 @@ def authenticate(
         shown = f"; the canonical string we signed is {cut!r}"
     matched: str | None = None
     for key_id, secret in candidates:
-        expected = _hmac_hex(secret, message).encode("ascii")
+        expected = hmac_hex(secret, message).encode("ascii")
         for value in presented:  # every pair is compared: no early exit
             if hmac.compare_digest(expected, value.encode("ascii")) and matched is None:
                 matched = key_id

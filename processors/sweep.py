@@ -3,7 +3,7 @@ ever blocking the worker's event loop for long.
 
 Why: a pass over a whole table on one tick decodes every entry in one go; with ~100,000
 dedupe entries that held faust's event loop for ~7 s (every timer 7 s late, measured in a
-worker's log from `bench/process.py --postbacks 100000`). A `Sweep` visits at most `chunk`
+worker's log from `python -m bench.process --postbacks 100000`). A `Sweep` visits at most `chunk`
 entries per tick of a partition and remembers where it stopped; a new pass over a
 partition starts at most every `pass_interval_ms`.
 

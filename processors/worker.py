@@ -4,21 +4,23 @@ Each worker has its own RocksDB directory (`<state>/processor-<i>`) and its own 
 port on 127.0.0.1 (faust would otherwise bind 0.0.0.0:6066 in every process). Wiping a
 worker's directory is safe: its tables are rebuilt from their changelog topics.
 SIGTERM stops a worker cleanly: faust finishes the current events and commits.
+With several workers, the parent restarts a worker that died (see `serve`).
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import signal
-import sys
 from pathlib import Path
 
 from postback.config import ProcessOptions, Settings
 from postback.topics import Topics, ensure_topics
+from postback.workers import supervise
 
 log = logging.getLogger("processors")
+
+#: How long a stopping worker may take before it is killed, on top of the group session timeout (seconds).
+STOP_TIMEOUT_S = 45.0
 
 
 def load_partners(settings: Settings):  # noqa: ANN201 - PartnerConfig
@@ -30,21 +32,25 @@ def load_partners(settings: Settings):  # noqa: ANN201 - PartnerConfig
 def run_worker(settings: Settings, bootstrap: str, opts: ProcessOptions, index: int, data_root: Path,
                loglevel: str = "WARNING") -> None:
     """Run one worker in this process until SIGTERM/SIGINT."""
-    import faust
-
     from postback.eventloop import install_uvloop
     from processors.app import create_app
+    from processors.runtime.worker import run_faust_worker
 
     install_uvloop()  # before faust creates its loop
     app = create_app(settings, bootstrap, load_partners(settings), opts, data_root / f"processor-{index}", index)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, console_port=0, redirect_stdouts=False)
-    print(f"processor worker {index} started (pid {os.getpid()}, web 127.0.0.1:{opts.web_port + index})",
-          flush=True)
-    worker.execute_from_commandline()
+    run_faust_worker(app, loglevel, started=f"processor worker {index} started (pid {os.getpid()}, "
+                                            f"web 127.0.0.1:{opts.web_port + index})")
 
 
 def serve(settings: Settings, bootstrap: str, opts: ProcessOptions, workers: int, data_root: Path,
           loglevel: str = "WARNING") -> int:
+    """Run `workers` worker processes until SIGTERM/SIGINT; returns the exit code.
+
+    A worker that exits (an agent failure exits it on purpose, see processors.app; or a
+    crash, an OOM kill) is restarted with the same index, so the same state directory and
+    web port, after a backoff (`postback.workers`). Its partitions move to the others in
+    the meantime and come back on the next rebalance.
+    """
     from confluent_kafka.admin import AdminClient
 
     load_partners(settings)  # fail fast on a broken partner file
@@ -56,23 +62,7 @@ def serve(settings: Settings, bootstrap: str, opts: ProcessOptions, workers: int
     if workers <= 1:
         run_worker(settings, bootstrap, opts, 0, data_root, loglevel)
         return 0
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=run_worker, args=(settings, bootstrap, opts, i, data_root, loglevel),
-                         name=f"processor-{i}") for i in range(workers)]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid and proc.is_alive():
-                os.kill(proc.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in procs:
-        proc.join()
-    codes = [proc.exitcode for proc in procs]
-    if any(code not in (0, None, -signal.SIGTERM) for code in codes):
-        print(f"processor workers exited with {codes}", file=sys.stderr)
-        return 1
-    return 0
+    # faust finishes its current events, commits and leaves the group on SIGTERM: bounded, but not instant.
+    stop_timeout_s = STOP_TIMEOUT_S + opts.session_timeout_s
+    return supervise("processor", run_worker, lambda i: (settings, bootstrap, opts, i, data_root, loglevel),
+                     workers, stop_timeout_s=stop_timeout_s)

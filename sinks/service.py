@@ -13,25 +13,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from postback.clickhouse import client_factory
 from postback.config import SinkOptions, Settings
-from postback.endpoints import clickhouse_url
 from postback.topics import Topics, ensure_topics
 
 log = logging.getLogger("sinks")
-
-
-def client_factory(url: str, database: str | None = None) -> Callable[[], Any]:
-    def make() -> Any:
-        import clickhouse_connect
-
-        kwargs: dict[str, Any] = {"database": database} if database else {}
-        return clickhouse_connect.get_client(dsn=url, **kwargs)
-
-    return make
 
 
 def migrate(url: str, database: str, progress: Callable[[str], None] = print) -> list[int]:
@@ -40,7 +29,8 @@ def migrate(url: str, database: str, progress: Callable[[str], None] = print) ->
     return apply_migrations(client_factory(url)(), database, progress)
 
 
-def serve(settings: Settings, bootstrap: str, opts: SinkOptions, only: str | None = None) -> int:
+def serve(settings: Settings, bootstrap: str, url: str, opts: SinkOptions, only: str | None = None) -> int:
+    """Run the writer and/or the router against Kafka `bootstrap` and ClickHouse `url` until SIGTERM."""
     from confluent_kafka.admin import AdminClient
 
     from sinks.clickhouse_writer import ClickHouseWriter, SinkMetrics
@@ -48,7 +38,6 @@ def serve(settings: Settings, bootstrap: str, opts: SinkOptions, only: str | Non
 
     topics = Topics(settings.topic_prefix)
     ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), topics)
-    url = clickhouse_url(settings)
     registry = CollectorRegistry()
     if opts.metrics_port:
         start_http_server(opts.metrics_port, addr="127.0.0.1", registry=registry)

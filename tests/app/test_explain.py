@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import murmur2
 
+from app.cli import main
 from app.explain import explain, render
-from postback.cli import main
 from postback.partner_view import order_key
 from postback.partners import parse_partner_config
+from postback.signing import sign_query
 from processors.dedupe import conversion_id
-from processors.signing import sign_query
 
 TOKEN = "explain-test-token-0123456789"
 SECRET = "explain-test-secret-0123456789"
@@ -83,7 +83,7 @@ def test_an_aliased_signature_is_masked_and_checked_against_now() -> None:
     import hashlib
     import hmac
 
-    from processors.signing import canonical_query
+    from postback.signing import canonical_query
     unsigned = [p for p in renamed if p[0] != "signature"]
     digest = hmac.new(SECRET.encode(), canonical_query(unsigned).encode(), hashlib.sha256).hexdigest()
     query = "&".join(f"{k}={v}" for k, v in unsigned + [("signature", digest)])

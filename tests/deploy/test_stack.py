@@ -19,7 +19,7 @@ from postback.config import Settings
 def _postback(state: Path, *args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
     env["POSTBACK_STATE_DIR"] = str(state)
-    return subprocess.run([sys.executable, "-m", "postback.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -64,7 +64,7 @@ def test_stack_up_is_idempotent_and_down_leaves_nothing(tmp_path: Path) -> None:
 def test_external_services_are_reported_not_started(tmp_path: Path) -> None:
     env = dict(os.environ, POSTBACK_STATE_DIR=str(tmp_path), KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1",
                CLICKHOUSE_URL="http://127.0.0.1:1")
-    done = subprocess.run([sys.executable, "-m", "postback.cli", "stack", "status", "--json"], env=env,
+    done = subprocess.run([sys.executable, "-m", "app.cli", "stack", "status", "--json"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert [(s["state"], s["address"]) for s in json.loads(done.stdout)] == [

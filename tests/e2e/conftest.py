@@ -1,6 +1,6 @@
 """End-to-end fixtures: the whole pipeline exactly as users run it (`postback run`), driven over HTTP.
 
-`start_pipeline` starts `python -m postback.cli run` against a given Kafka and ClickHouse
+`start_pipeline` starts `python -m app.cli run` against a given Kafka and ClickHouse
 (KAFKA_BOOTSTRAP_SERVERS / CLICKHOUSE_URL, so it starts no stack of its own) with a
 unique topic prefix, database, state directory and free ports, and a partner file
 written here. Stopping it (`Pipeline.shutdown`) sends SIGTERM, waits (bounded), and
@@ -312,7 +312,7 @@ def start_pipeline(tmp: Path, bootstrap: str, clickhouse_url: str, *extra: str,
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, CLICKHOUSE_URL=clickhouse_url,
                POSTBACK_STATE_DIR=str(state), POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners))
     env.pop("POSTBACK_SINK_FAULT", None)
-    argv = [sys.executable, "-m", "postback.cli", "run", "--port", str(port),
+    argv = [sys.executable, "-m", "app.cli", "run", "--port", str(port),
             "--process-web-port", str(free_port()), "--sink-metrics-port", str(free_port()),
             "--late-click-wait", "5", "--database", database, *extra]
     run_log = tmp / "run.log"

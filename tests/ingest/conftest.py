@@ -73,7 +73,7 @@ def start_ingester(kafka: KafkaService, tmp: Path, *extra: str, bootstrap: str |
                POSTBACK_TOPIC_PREFIX=prefix, POSTBACK_CONFIG=str(partners), **(env or {}))
     log = tmp / f"ingest-{port}.log"
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "postback.cli", "ingest", "--port", str(port), *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ingest", "--port", str(port), *extra],
                             env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     out.close()
     url = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class Pipeline:
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "w")
         self.web_ports.append(free_port())
         proc = subprocess.Popen(
-            [sys.executable, "-m", "postback.cli", "process", "--data-dir", str(data_dir), "--web-port",
+            [sys.executable, "-m", "app.cli", "process", "--data-dir", str(data_dir), "--web-port",
              str(self.web_ports[-1]), "--late-click-wait", str(late_click_wait), "--session-timeout", "6",
              *(extra_args or [])],
             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -147,3 +148,16 @@ def click(click_id: str, clicked_at_ms: int, affiliate: str = "aff-1") -> dict:
     return {"click_id": click_id, "clicked_at_ms": clicked_at_ms, "offer_id": "offer-1", "affiliate_id": affiliate,
             "campaign_id": None, "sub1": "s1", "sub2": None, "sub3": None, "sub4": None, "sub5": None, "ip": None,
             "user_agent": None, "referer": None, "source": "redirect", "extras": []}
+
+
+def handled_events(web_port: int, agent: str) -> float:
+    """How many events a worker's agent handled, from its /metrics (0 until its web server is up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(f'postback_processor_events_total{{agent="{agent}"}}'):
+            return float(line.split()[-1])
+    return 0.0

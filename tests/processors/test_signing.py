@@ -23,18 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from app.commands import sign as sign_cli
 from ingest.validation import RejectedInput, parse_json_object, parse_urlencoded
 from postback.partners import parse_partner_config
-from processors import sign_cli
-from processors.signing import (
-    REASONS,
-    AuthFailed,
-    AuthOk,
-    authenticate,
-    canonical_query,
-    sign_json,
-    sign_query,
-)
+from postback.signing import canonical_query, sign_json, sign_query
+from processors.signing import REASONS, AuthFailed, AuthOk, authenticate
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "signing.md"
 

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import Pipeline, click, raw_postback
+from .conftest import Pipeline, click, handled_events, raw_postback
 
 
 def test_outcomes_attribution_late_and_missing_clicks(pipeline: Pipeline, tmp_path) -> None:
@@ -125,22 +125,9 @@ def _wait_until_each_owns_partitions(pipeline: Pipeline, timeout: float = 90.0) 
     """Until every worker handles ticks (the leader sends one to every partition each second):
     then each has partitions of its own and has restored their tables."""
     deadline = time.monotonic() + timeout
-    while not all(_handled(port, "attribute") > 0 for port in pipeline.web_ports):
+    while not all(handled_events(port, "attribute") > 0 for port in pipeline.web_ports):
         assert time.monotonic() < deadline, pipeline.logs()
         time.sleep(0.5)
-
-
-def _handled(web_port: int, agent: str) -> float:
-    """How many events a worker's agent handled, from its /metrics (0 until its web server is up)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0.0
-    for line in text.splitlines():
-        if line.startswith(f'postback_processor_events_total{{agent="{agent}"}}'):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_two_workers_one_killed_the_other_takes_its_partitions_over(pipeline: Pipeline, tmp_path) -> None:
@@ -153,7 +140,7 @@ def test_two_workers_one_killed_the_other_takes_its_partitions_over(pipeline: Pi
     _wait_until_each_owns_partitions(pipeline)  # both share the partitions before there is work
     receipts, order_of = _workload(pipeline, orders, int(time.time() * 1000))
     deadline = time.monotonic() + 120
-    while len(pipeline.outputs()) < len(receipts) // 4 or _handled(pipeline.web_ports[1], "verify") == 0:
+    while len(pipeline.outputs()) < len(receipts) // 4 or handled_events(pipeline.web_ports[1], "verify") == 0:
         assert time.monotonic() < deadline, pipeline.logs()
         time.sleep(0.3)
     victim.send_signal(signal.SIGKILL)

@@ -36,7 +36,7 @@ class SinkHarness:
                         CLICKHOUSE_URL=self.clickhouse_url, POSTBACK_TOPIC_PREFIX=self.topics.prefix,
                         **(env or {}))
         log = open(self.tmp / f"sink-{len(self.procs)}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "postback.cli", "sink", "--database", self.database,
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "sink", "--database", self.database,
                                  "--batch-seconds", "0.3", *extra],
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
         log.close()

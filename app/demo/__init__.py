@@ -1,0 +1,153 @@
+"""`postback demo`: drive a running pipeline with realistic partner traffic and report what it made of it.
+
+Against a running ingester (`--url`), processors and sink, this plays both sides of an
+affiliate deal: affiliates' users click tracking links (`GET /click`), and advertisers'
+servers send signed postbacks (`GET|POST /postback`) back for some of those clicks:
+purchases in several currencies, leads, trials and their monthly renewals, refunds,
+pending orders that are approved later. Like real partners it also misbehaves a little:
+it retries requests, re-sends orders, signs with the wrong key, loses click IDs, and
+delivers some clicks only after their conversion (bulk import). It then waits until
+every postback the ingester accepted (202) has an outcome in ClickHouse and prints a
+summary for marketers: revenue by affiliate and offer, match rate, dedupe rate,
+rejection reasons and latency.
+
+Why it is built this way:
+
+- The traffic is a *plan* computed up front from a seed and the partner file
+  (`app.demo.plan.build_plan`, pure and deterministic), so a run can be replayed and
+  the mix is unit-tested without a network. Signing happens only when a request is
+  sent (`app.demo.send.render_postback`), with the current time, because signed
+  timestamps must be within the advertiser's tolerance of the moment the ingester
+  receives them.
+- Submission (`app.demo.send.submit_plan`) runs each click's journey in order (a status
+  update must follow its pending order, a late click must follow its postback) while
+  journeys run concurrently over one aiohttp connection pool, paced to `--rate`
+  requests/s.
+- The summary is read back from ClickHouse (`app.demo.report.collect_report`, the real
+  results), kept as plain data, and formatted by a pure function
+  (`app.demo.report.format_report`) that is tested on fixed rows.
+
+This module is the command itself: preflight checks, then plan, send, wait, report.
+
+The secrets come from the partner file, which must be the file the running ingester
+and processors loaded (POSTBACK_CONFIG); otherwise every postback is rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+from pathlib import Path
+from typing import IO
+
+from app.demo.plan import build_plan
+from app.demo.report import DemoReport, collect_report, format_report, verdict, wait_for_outcomes
+from app.demo.send import ProgressBar, submit_plan
+from postback.config import Settings
+from postback.partners import load_partner_config
+
+#: The partner file used when POSTBACK_CONFIG is not set (the one `postback run` uses too).
+DEMO_PARTNERS = Path(__file__).resolve().parents[2] / "deploy" / "demo-partners.toml"
+
+
+# --------------------------------------------------------------------------- command
+
+
+def partner_file(settings: Settings) -> Path:
+    """POSTBACK_CONFIG when set (what the processors load too), else deploy/demo-partners.toml."""
+    return settings.config_file or DEMO_PARTNERS
+
+
+def _preflight(base_url: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/readyz", timeout=5) as resp:
+            resp.read()
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"the ingester at {base_url} is not ready ({err.code}): is Kafka up?") from err
+    except (urllib.error.URLError, OSError) as err:
+        raise RuntimeError(f"no ingester answers at {base_url} ({getattr(err, 'reason', err)}): start "
+                           "`postback ingest` (or `postback run`), or pass --url") from err
+
+
+def run_demo(settings: Settings, base_url: str, clicks: int, rate: float, database: str, timeout_s: float,
+             seed: int | None, out: IO[str] | None = None, err: IO[str] | None = None) -> tuple[bool, DemoReport]:
+    """The whole demo: plan, submit, wait for the outcomes, report. Returns (ok, report)."""
+    from ulid import ULID
+
+    from app.endpoints import clickhouse_url
+    from postback.clickhouse import client_factory
+    from sinks.migrations import quote_identifier as _q
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    say = lambda m: print(m, file=err, flush=True)  # noqa: E731
+    path = partner_file(settings)
+    config = load_partner_config(path)
+    url = clickhouse_url(settings)
+    if url.startswith("chdb:"):
+        raise RuntimeError("the demo reads results from a ClickHouse server, but none runs: start `postback "
+                           "stack up` (or set CLICKHOUSE_URL to a server)")
+    client = client_factory(url)()  # every query names the database, so a missing one is reported below
+    if int(client.command(f"EXISTS DATABASE {_q(database)}")) != 1 or \
+            int(client.command(f"EXISTS TABLE {_q(database)}.postback_outcomes")) != 1:
+        raise RuntimeError(f"ClickHouse database {database!r} has no postback_outcomes table: start `postback "
+                           "sink` (it creates the schema), or pass --database")
+    _preflight(base_url)
+
+    seed = seed if seed is not None else random.SystemRandom().randrange(1, 10**6)
+    plan = build_plan(config, clicks, seed, str(ULID()))
+    postbacks = sum(len(j.postbacks) for j in plan.journeys)
+    say(f"postback demo: {clicks} clicks and {postbacks} postbacks ({plan.requests} requests) at up to "
+        f"{rate:g} requests/s -> {base_url}")
+    say(f"  partner file: {path} (the running ingester and processors must use this same file)")
+    say(f"  seed {seed} (--seed {seed} replays this traffic mix); run {plan.run_id}")
+    submission = asyncio.run(submit_plan(plan, config, base_url, rate,
+                                         ProgressBar("sending  ", plan.requests, err)))
+    receipts = list(submission.receipts)
+    say(f"  {len(receipts)} postbacks accepted (202); waiting up to {timeout_s:g}s for their outcomes in "
+        f"ClickHouse ({url.split('@')[-1]}, database {database})")
+    found = wait_for_outcomes(client, database, receipts, timeout_s, ProgressBar("outcomes ", len(receipts), err)) \
+        if receipts else 0
+    report = collect_report(client, database, submission, found, timeout_s)
+    ok, message = verdict(report)
+    print(format_report(report), file=out)
+    print("", file=out)
+    print(message, file=out, flush=True)
+    return ok, report
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    if args.clicks < 1 or args.rate <= 0 or args.timeout < 0:
+        raise ValueError("--clicks must be >= 1, --rate > 0 and --timeout >= 0")
+    ok, _report = run_demo(settings, args.url, args.clicks, args.rate, args.database, args.timeout, args.seed)
+    return 0 if ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="simulate affiliate clicks and advertiser postbacks against the running pipeline",
+        description=(
+            "Send realistic traffic to a running pipeline (ingester at --url, `postback process` and "
+            "`postback sink` running): affiliate clicks, then signed postbacks (purchases, leads, trials and "
+            "renewals, refunds, pending->approved orders) with the usual partner mistakes (retries, repeated "
+            "orders, bad signatures, lost click ids, late clicks). Then wait until every accepted postback has "
+            "an outcome in ClickHouse and print revenue by affiliate and offer, match rate, dedupe rate, "
+            "rejection reasons and latency. Postbacks are signed with the secrets of the partner file "
+            "$POSTBACK_CONFIG, else deploy/demo-partners.toml: it MUST be the same file the running ingester "
+            "and processors loaded (`postback run` uses deploy/demo-partners.toml by default), or every "
+            "postback is rejected. Exit 0 when every accepted postback has an outcome and attributed revenue "
+            "is positive, else 1."),
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="ingester base URL (default %(default)s)")
+    p.add_argument("--clicks", type=int, default=300, help="affiliate clicks to simulate (default %(default)s)")
+    p.add_argument("--rate", type=float, default=200.0, help="at most this many requests/s (default %(default)s)")
+    p.add_argument("--database", default="postback", help="ClickHouse database of the sink (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for every accepted postback's outcome in ClickHouse (default %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed of the traffic mix (default: a fresh one, printed)")
+    p.set_defaults(handler=_demo)

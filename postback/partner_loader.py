@@ -1,0 +1,507 @@
+"""The partner file: ONE TOML file of advertisers and offers, read into ``postback.partner_model``.
+
+Every rule below is checked at load time:
+
+- every table accepts only the keys documented below; an unknown key is a load error
+  (with a "did you mean" hint), as is a wrong type, an out-of-range number, a bad id,
+  a bad CIDR, a bad URL or an unknown URL placeholder;
+- secrets and tokens never appear in error messages.
+
+Errors are raised as :class:`~postback.partner_model.PartnerConfigError` (a ``ValueError``)
+whose message reads ``<file>: <table path>: <problem>``, e.g.
+``deploy/partners.toml: advertisers.acme.secrets: secret for key id 'k1' is 5
+characters long; at least 16 are required``. Keys that are not TOML bare keys are
+quoted in the path (``advertisers."acme.eu".token``).
+
+File format
+===========
+
+All tables are optional; an empty file is a valid configuration with no partners.
+
+.. code-block:: toml
+
+    [ingest]
+    # Bearer token for the bulk click import (POST /clicks). Optional: absent means
+    # bulk import is disabled. At least 16 characters.
+    bulk_token = "..."
+
+    [advertisers.acme]                # advertiser id: ^[A-Za-z0-9_.-]{1,64}$
+    # How postbacks authenticate: a subset of {"hmac", "token"}, not empty.
+    # Default ["hmac"]. "token" is the legacy shared token sent with the request.
+    auth_modes = ["hmac"]
+    # key id -> HMAC secret. Several may be active at once so keys can be rotated
+    # without downtime. Required (non-empty) when "hmac" is allowed, forbidden when it
+    # is not. Key ids: ^[A-Za-z0-9_.-]{1,64}$; each secret at least 16 characters.
+    secrets = { k2025 = "...", k2026 = "..." }
+    # Key used when a request carries no key id. Optional; must name a key in
+    # `secrets`. Default: the only key when there is exactly one, otherwise none (a
+    # request without a key id is then not verifiable).
+    default_key_id = "k2026"
+    # Legacy shared token; required iff "token" is in auth_modes. At least 16 chars.
+    token = "..."
+    # Source addresses allowed to post. Each entry is parsed with
+    # ipaddress.ip_network(strict=False): single addresses and CIDRs, v4 and v6.
+    # Optional; empty or absent means any address.
+    allow_ips = ["203.0.113.0/24", "2001:db8::/32", "198.51.100.7"]
+    # Accepted clock skew of signed timestamps, seconds. Default 300, range 1..86400.
+    timestamp_tolerance_s = 300
+    # Incoming parameter name -> canonical parameter name. Applied once (not
+    # transitively) to every parameter, everywhere: required fields, the Kafka key,
+    # authentication (aliases to token, sig, ts and kid name those parameters),
+    # normalisation and the dedupe key. Names not listed are used as they are. Targets
+    # must look like a canonical parameter name: ^[a-z][a-z0-9_]{0,63}$. An alias that
+    # can have no effect is a load error: to or from advertiser_id (read literally, it
+    # selects this table), to itself, or to an auth parameter of a mode not allowed.
+    aliases = { transaction_id = "order_id", clickid = "click_id", sum = "amount" }
+    # Advertiser event name -> canonical event (see CANONICAL_EVENTS, or
+    # "custom:<name>" with <name> matching ^[a-z0-9_-]{1,40}$).
+    event_map = { sale = "purchase", reg = "signup" }
+    # Advertiser status value -> "approved" | "pending" | "rejected".
+    status_map = { "1" = "approved", "0" = "pending", "-1" = "rejected" }
+    # Canonical name -> value used when a postback does not carry that parameter (or
+    # carries it blank); a value that was sent always wins. Keys: event, currency,
+    # status, offer_id. Values are checked like sent ones (event and status through
+    # the maps above, currency ISO 4217, offer_id a configured offer of this advertiser).
+    defaults = { event = "purchase", currency = "EUR" }
+    # Header that may carry the legacy token instead of a parameter (only with "token"
+    # in auth_modes). The token parameter's own name is set with an alias to "token".
+    token_header = "X-Postback-Token"
+    # A platform's parameter names, event and status codes and auth parameter (see
+    # docs/partners.md and PRESETS in postback/presets.py). Entries written here
+    # (aliases, event_map, status_map, defaults, and every other key) override the
+    # preset's, entry by entry for the four maps.
+    preset = "keitaro"
+    # How long order ids are remembered for de-duplication, days. Default 90,
+    # range 1..3650.
+    dedupe_horizon_days = 90
+    # Canonical events counted at most once per click when the postback has no order
+    # id. Default ["lead", "signup", "install", "trial_start"]; may be empty.
+    one_time_events = ["lead", "signup", "install", "trial_start"]
+
+    [offers.offer-1]                  # offer id: ^[A-Za-z0-9_.-]{1,64}$
+    # Required; must name an advertiser configured in this file.
+    advertiser_id = "acme"
+    # Where a click is redirected. Optional; absolute http(s) URL with a host.
+    # Placeholders: {click_id} {offer_id} {affiliate_id} {campaign_id} {sub1}..{sub5},
+    # substituted percent-encoded (missing values become ""). Any other placeholder,
+    # a format spec or conversion ({click_id:>9}, {click_id!r}), or a placeholder in
+    # the scheme or host is a load error. Write a literal brace as {{ or }}.
+    landing_url = "https://shop.example/landing?cid={click_id}&aff={affiliate_id}"
+    # Attribution window in days for events without an override. Default 30, 1..400.
+    attribution_window_days = 30
+    # Optional per-event override (canonical event -> days, each 1..400).
+    attribution_windows = { purchase = 30, renewal = 400 }
+
+A commented, loadable example lives in ``deploy/partners.example.toml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from postback.landing_url import check_template
+from postback.partner_model import (
+    AUTH_MODES,
+    CANONICAL_EVENTS,
+    DEFAULT_ATTRIBUTION_WINDOW_DAYS,
+    DEFAULT_DEDUPE_HORIZON_DAYS,
+    DEFAULT_ONE_TIME_EVENTS,
+    DEFAULT_TIMESTAMP_TOLERANCE_S,
+    MIN_SECRET_LEN,
+    STATUSES,
+    Advertiser,
+    IPNetwork,
+    Offer,
+    PartnerConfig,
+    PartnerConfigError,
+    is_canonical_event,
+)
+
+__all__ = ["load_partner_config", "parse_partner_config"]
+
+_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_PARAM_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
+
+_TOP_KEYS = ("ingest", "advertisers", "offers")
+_INGEST_KEYS = ("bulk_token",)
+_ADVERTISER_KEYS = (
+    "preset", "auth_modes", "secrets", "default_key_id", "token", "token_header", "allow_ips",
+    "timestamp_tolerance_s", "aliases", "event_map", "status_map", "defaults", "dedupe_horizon_days",
+    "one_time_events",
+)
+#: Canonical names only one auth mode reads; an alias to one of a mode not allowed has no effect.
+#: ``ts`` is absent on purpose: token mode checks it too when it is sent (replay window).
+_AUTH_TARGETS = {"kid": "hmac", "sig": "hmac", "token": "token"}
+_HEADER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+_RESERVED_HEADERS = frozenset({"x-postback-timestamp", "x-postback-key-id", "x-postback-signature",
+                               "user-agent", "content-type", "content-length", "host", "authorization"})
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
+#: Advertiser keys that are tables; a preset's entries and the file's are merged entry by entry.
+_MAP_KEYS = ("aliases", "event_map", "status_map", "defaults")
+_OFFER_KEYS = ("advertiser_id", "landing_url", "attribution_window_days", "attribution_windows")
+
+
+def load_partner_config(path: Path) -> PartnerConfig:
+    """Read and validate the partner TOML file at ``path``.
+
+    Raises PartnerConfigError (naming the file) when it cannot be read, is not UTF-8
+    TOML, or breaks any rule of the format.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise PartnerConfigError(source, "", f"cannot read file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise PartnerConfigError(source, "", f"not valid UTF-8: {e}") from e
+    return parse_partner_config(text, source)
+
+
+def parse_partner_config(text: str, source: str = "<string>") -> PartnerConfig:
+    """Parse and validate partner TOML ``text``; ``source`` names it in error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PartnerConfigError(source, "", f"invalid TOML: {e}") from e
+    return _Reader(source).config(doc)
+
+
+def _join(path: str, key: str) -> str:
+    part = key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return f"{path}.{part}" if path else part
+
+
+class _Reader:
+    """Validates one parsed TOML document; holds only the source name for messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, problem: str) -> PartnerConfigError:
+        return PartnerConfigError(self.source, path, problem)
+
+    # ---- generic helpers
+
+    def table(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"must be a table, got {_type_name(value)}")
+        return value
+
+    def check_keys(self, table: Mapping[str, Any], path: str, allowed: Sequence[str]) -> None:
+        unknown = [k for k in table if k not in allowed]
+        if not unknown:
+            return
+        key = unknown[0]
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        what = "top-level key" if not path else "key"
+        raise self.fail(path, f"unknown {what} {key!r}{did_you_mean}; allowed: {', '.join(allowed)}")
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"must be a string, got {_type_name(value)}")
+        return value
+
+    def ident(self, value: Any, path: str, what: str) -> str:
+        value = self.string(value, path)
+        if not _ID_RE.fullmatch(value):
+            raise self.fail(path, f"invalid {what} {value!r}: must match ^[A-Za-z0-9_.-]{{1,64}}$")
+        return value
+
+    def secret(self, value: Any, path: str, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"{what} must be a string, got {_type_name(value)}")
+        if len(value) < MIN_SECRET_LEN:
+            raise self.fail(path, f"{what} is {len(value)} characters long; "
+                                  f"at least {MIN_SECRET_LEN} are required")
+        return value
+
+    def integer(self, value: Any, path: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"must be an integer, got {_type_name(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(path, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def string_list(self, value: Any, path: str) -> list[str]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be an array of strings, got {_type_name(value)}")
+        for item in value:
+            if not isinstance(item, str):
+                raise self.fail(path, f"must be an array of strings; found {_type_name(item)}")
+        return value
+
+    def string_map(self, value: Any, path: str) -> dict[str, str]:
+        table = self.table(value, path)
+        for k, v in table.items():
+            if not isinstance(v, str):
+                raise self.fail(path, f"value of {k!r} must be a string, got {_type_name(v)}")
+            if k == "":
+                raise self.fail(path, "keys may not be empty")
+        return table
+
+    def event(self, value: str, path: str, context: str) -> str:
+        if not is_canonical_event(value):
+            raise self.fail(path, f"{context}{value!r} is not a canonical event; use one of "
+                                  f"{', '.join(CANONICAL_EVENTS)} or 'custom:<name>' "
+                                  "with <name> matching ^[a-z0-9_-]{1,40}$")
+        return value
+
+    # ---- document
+
+    def config(self, doc: dict[str, Any]) -> PartnerConfig:
+        self.check_keys(doc, "", _TOP_KEYS)
+        bulk_token = self.ingest(doc.get("ingest", {}))
+        advertisers_t = self.table(doc.get("advertisers", {}), "advertisers")
+        advertisers = {}
+        for adv_id, body in advertisers_t.items():
+            path = _join("advertisers", adv_id)
+            self.ident(adv_id, path, "advertiser id")
+            advertisers[adv_id] = self.advertiser(adv_id, body, path)
+        offers_t = self.table(doc.get("offers", {}), "offers")
+        offers = {}
+        for offer_id, body in offers_t.items():
+            path = _join("offers", offer_id)
+            self.ident(offer_id, path, "offer id")
+            offers[offer_id] = self.offer(offer_id, body, path, advertisers)
+        for adv_id, adv in advertisers.items():
+            offer_id = adv.defaults.get("offer_id")
+            if offer_id is not None:
+                offer = offers.get(offer_id)
+                if offer is None or offer.advertiser_id != adv_id:
+                    raise self.fail(_join(_join("advertisers", adv_id), "defaults"),
+                                    f"default offer_id {offer_id!r} is not an offer of this advertiser")
+        return PartnerConfig(ingest_bulk_token=bulk_token, advertisers=advertisers, offers=offers)
+
+    def ingest(self, value: Any) -> str | None:
+        table = self.table(value, "ingest")
+        self.check_keys(table, "ingest", _INGEST_KEYS)
+        if "bulk_token" not in table:
+            return None
+        return self.secret(table["bulk_token"], "ingest.bulk_token", "bulk_token")
+
+    def with_preset(self, t: dict[str, Any], path: str) -> tuple[dict[str, Any], frozenset[str]]:
+        """The advertiser table with its preset's keys filled in, and the alias sources the preset gave.
+
+        Keys written in the table win: whole keys, and single entries of the four maps.
+        """
+        if "preset" not in t:
+            return t, frozenset()
+        from postback.presets import PRESETS
+
+        p = _join(path, "preset")
+        name = self.string(t["preset"], p)
+        preset = PRESETS.get(name)
+        if preset is None:
+            hint = difflib.get_close_matches(name, list(PRESETS), n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise self.fail(p, f"unknown preset {name!r}{did_you_mean}; known: {', '.join(PRESETS)}")
+        merged: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in preset.items() if k not in _MAP_KEYS}
+        merged.update(t)
+        for key in _MAP_KEYS:
+            if key in preset or key in t:
+                merged[key] = {**preset.get(key, {}), **self.table(t.get(key, {}), _join(path, key))}
+        own_aliases = self.table(t.get("aliases", {}), _join(path, "aliases"))
+        return merged, frozenset(k for k in preset.get("aliases", {}) if k not in own_aliases)
+
+    def advertiser(self, adv_id: str, value: Any, path: str) -> Advertiser:
+        t = self.table(value, path)
+        self.check_keys(t, path, _ADVERTISER_KEYS)
+        t, preset_aliases = self.with_preset(t, path)
+
+        p = _join(path, "auth_modes")
+        modes = self.string_list(t.get("auth_modes", ["hmac"]), p)
+        if not modes:
+            raise self.fail(p, f"must list at least one of {', '.join(AUTH_MODES)}")
+        for m in modes:
+            if m not in AUTH_MODES:
+                raise self.fail(p, f"unknown auth mode {m!r}; allowed: {', '.join(AUTH_MODES)}")
+        if len(set(modes)) != len(modes):
+            raise self.fail(p, "lists a mode more than once")
+        hmac, token_mode = "hmac" in modes, "token" in modes
+
+        p = _join(path, "secrets")
+        secrets = self.table(t.get("secrets", {}), p)
+        for kid, secret in secrets.items():
+            self.ident(kid, p, "key id")
+            self.secret(secret, p, f"secret for key id {kid!r}")
+        if hmac and not secrets:
+            raise self.fail(p, "required (at least one key id = secret) when 'hmac' is in auth_modes")
+        if not hmac and secrets:
+            raise self.fail(p, "given but 'hmac' is not in auth_modes; add it or remove the secrets")
+
+        p = _join(path, "default_key_id")
+        default_kid: str | None = None
+        if "default_key_id" in t:
+            default_kid = self.ident(t["default_key_id"], p, "key id")
+            if default_kid not in secrets:
+                known = ", ".join(secrets) or "none"
+                raise self.fail(p, f"{default_kid!r} is not a key id in secrets (known: {known})")
+
+        p = _join(path, "token")
+        token: str | None = None
+        if "token" in t:
+            if not token_mode:
+                raise self.fail(p, "given but 'token' is not in auth_modes; add it or remove the token")
+            token = self.secret(t["token"], p, "token")
+        elif token_mode:
+            raise self.fail(p, "required when 'token' is in auth_modes")
+
+        p = _join(path, "token_header")
+        token_header: str | None = None
+        if "token_header" in t:
+            token_header = self.string(t["token_header"], p)
+            if not token_mode:
+                raise self.fail(p, "given but 'token' is not in auth_modes, so no token is read from it")
+            if not _HEADER_RE.fullmatch(token_header):
+                raise self.fail(p, f"{token_header!r} is not a header name: must match ^[A-Za-z0-9][A-Za-z0-9-]{{0,63}}$")
+            if token_header.lower() in _RESERVED_HEADERS:
+                raise self.fail(p, f"{token_header!r} has another meaning; choose another header name")
+
+        p = _join(path, "allow_ips")
+        networks: list[IPNetwork] = []
+        for entry in self.string_list(t.get("allow_ips", []), p):
+            try:
+                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError as e:
+                raise self.fail(p, f"{entry!r} is not an IP address or CIDR network: {e}") from e
+
+        tolerance = self.integer(t.get("timestamp_tolerance_s", DEFAULT_TIMESTAMP_TOLERANCE_S),
+                                 _join(path, "timestamp_tolerance_s"), 1, 86_400)
+
+        aliases = self.aliases(t.get("aliases", {}), _join(path, "aliases"), modes, preset_aliases)
+
+        p = _join(path, "event_map")
+        event_map = self.string_map(t.get("event_map", {}), p)
+        for src, dst in event_map.items():
+            self.event(dst, p, f"target of {src!r}: ")
+
+        p = _join(path, "status_map")
+        status_map = self.string_map(t.get("status_map", {}), p)
+        for src, dst in status_map.items():
+            if dst not in STATUSES:
+                raise self.fail(p, f"target of {src!r}: {dst!r} is not a status; "
+                                   f"use one of {', '.join(STATUSES)}")
+
+        horizon = self.integer(t.get("dedupe_horizon_days", DEFAULT_DEDUPE_HORIZON_DAYS),
+                               _join(path, "dedupe_horizon_days"), 1, 3650)
+
+        p = _join(path, "one_time_events")
+        one_time = self.string_list(t.get("one_time_events", list(DEFAULT_ONE_TIME_EVENTS)), p)
+        for ev in one_time:
+            self.event(ev, p, "")
+        if len(set(one_time)) != len(one_time):
+            raise self.fail(p, "lists an event more than once")
+
+        adv = Advertiser(
+            advertiser_id=adv_id, auth_modes=tuple(modes), secrets=secrets,
+            default_key_id=default_kid, token=token, allow_ips=tuple(networks),
+            timestamp_tolerance_s=tolerance, aliases=aliases, event_map=event_map,
+            status_map=status_map, dedupe_horizon_days=horizon, one_time_events=tuple(one_time),
+            token_header=token_header, preset=t.get("preset"),
+        )
+        defaults = self.defaults(t.get("defaults", {}), _join(path, "defaults"), adv)
+        return replace(adv, defaults=defaults)
+
+    def aliases(self, value: Any, p: str, modes: Sequence[str], from_preset: frozenset[str]) -> dict[str, str]:
+        """Checked aliases; every one must be able to take effect (see the module docstring)."""
+        aliases = self.string_map(value, p)
+        out: dict[str, str] = {}
+        for src, dst in aliases.items():
+            if not _PARAM_RE.fullmatch(dst):
+                raise self.fail(p, f"alias target {dst!r} (for {src!r}) is not a parameter name: "
+                                   "must match ^[a-z][a-z0-9_]{0,63}$")
+            mode = _AUTH_TARGETS.get(dst)
+            if mode is not None and mode not in modes:
+                if src in from_preset:  # the preset's auth parameter, for a mode this advertiser does not use
+                    continue
+                raise self.fail(p, f"alias {src!r} -> {dst!r} can have no effect: {dst} is only read in "
+                                   f"{mode!r} mode, which is not in auth_modes")
+            if src == dst:
+                raise self.fail(p, f"alias {src!r} -> {dst!r} maps a name to itself; remove it")
+            if "advertiser_id" in (src, dst):
+                raise self.fail(p, f"alias {src!r} -> {dst!r} can have no effect: advertiser_id is read "
+                                   "literally, before aliases apply (it selects the advertiser whose aliases "
+                                   "apply); send advertiser_id as it is")
+            out[src] = dst
+        return out
+
+    def defaults(self, value: Any, p: str, adv: Advertiser) -> dict[str, str]:
+        """Checked defaults: only canonical names that take a default, each value as a sent one would be."""
+        from postback.partner_view import DEFAULTABLE_PARAMS
+
+        defaults = self.string_map(value, p)
+        for name, val in defaults.items():
+            if name not in DEFAULTABLE_PARAMS:
+                raise self.fail(p, f"no default can be given for {name!r}; allowed: {', '.join(DEFAULTABLE_PARAMS)}")
+            if not val.strip():
+                raise self.fail(p, f"default {name} is blank")
+            if name == "event" and adv.map_event(val) is None:
+                raise self.fail(p, f"default event {val!r} is neither canonical nor in event_map")
+            if name == "status" and adv.map_status(val) is None:
+                raise self.fail(p, f"default status {val!r} is neither a status nor in status_map")
+            if name == "currency" and not _CURRENCY_RE.fullmatch(val):
+                raise self.fail(p, f"default currency {val!r} is not an upper-case ISO 4217 code")
+        return defaults
+
+    def offer(self, offer_id: str, value: Any, path: str,
+              advertisers: Mapping[str, Advertiser]) -> Offer:
+        t = self.table(value, path)
+        self.check_keys(t, path, _OFFER_KEYS)
+
+        p = _join(path, "advertiser_id")
+        if "advertiser_id" not in t:
+            raise self.fail(p, "required: the id of the advertiser this offer belongs to")
+        adv_id = self.string(t["advertiser_id"], p)
+        if adv_id not in advertisers:
+            known = ", ".join(advertisers) or "none configured"
+            raise self.fail(p, f"unknown advertiser {adv_id!r} (known: {known})")
+
+        landing: str | None = None
+        if "landing_url" in t:
+            landing = self.landing_url(t["landing_url"], _join(path, "landing_url"))
+
+        default_days = self.integer(t.get("attribution_window_days", DEFAULT_ATTRIBUTION_WINDOW_DAYS),
+                                    _join(path, "attribution_window_days"), 1, 400)
+        p = _join(path, "attribution_windows")
+        windows = self.table(t.get("attribution_windows", {}), p)
+        for ev, days in windows.items():
+            self.event(ev, p, "")
+            self.integer(days, _join(p, ev), 1, 400)
+
+        return Offer(offer_id=offer_id, advertiser_id=adv_id, landing_url=landing,
+                     attribution_window_days=default_days, attribution_windows=windows)
+
+    def landing_url(self, value: Any, path: str) -> str:
+        url = self.string(value, path)
+        try:
+            check_template(url)
+        except ValueError as e:
+            raise self.fail(path, str(e)) from e
+        return url
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    return type(value).__name__

@@ -1,0 +1,308 @@
+"""The partner configuration model: advertisers and offers, frozen, with their lookups.
+
+Why a single typed, frozen, validated object: the partner file holds the secrets that
+decide whether a postback is trusted and the URLs clicks are redirected to. A typo in
+it must stop the process at start-up with a message naming the file, the table and the
+problem, never surface hours later as silently rejected (or silently accepted)
+conversions. So the result is immutable (frozen dataclasses, tuples,
+``MappingProxyType``), can be shared freely between threads, tasks and stages and
+swapped as a whole on reload; there is no module-level mutable state; and secrets and
+tokens never appear in ``repr()`` or in error messages.
+
+This module is the model and its lookups; the TOML file format and the loader that
+validates it are in ``postback.partner_loader``, offer landing URL templates in
+``postback.landing_url``. Import all of them from ``postback.partners``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeAlias
+
+from postback.landing_url import render_template
+
+__all__ = [
+    "AUTH_MODES",
+    "CANONICAL_EVENTS",
+    "DEFAULT_ONE_TIME_EVENTS",
+    "STATUSES",
+    "Advertiser",
+    "Offer",
+    "PartnerConfig",
+    "PartnerConfigError",
+    "is_canonical_event",
+]
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Events every stage understands. Anything else must be written "custom:<name>".
+CANONICAL_EVENTS: tuple[str, ...] = (
+    "lead", "signup", "install", "trial_start", "subscription_start", "purchase",
+    "renewal", "upgrade", "cancel", "refund", "chargeback",
+)
+#: Conversion statuses after mapping.
+STATUSES: tuple[str, ...] = ("approved", "pending", "rejected")
+#: Ways a postback may authenticate.
+AUTH_MODES: tuple[str, ...] = ("hmac", "token")
+#: Events de-duplicated per click (when no order id) unless an advertiser overrides it.
+DEFAULT_ONE_TIME_EVENTS: tuple[str, ...] = ("lead", "signup", "install", "trial_start")
+
+DEFAULT_TIMESTAMP_TOLERANCE_S = 300
+DEFAULT_DEDUPE_HORIZON_DAYS = 90
+DEFAULT_ATTRIBUTION_WINDOW_DAYS = 30
+MIN_SECRET_LEN = 16
+
+_CUSTOM_NAME_RE = re.compile(r"[a-z0-9_\-]{1,40}")
+_CUSTOM_PREFIX = "custom:"
+
+_DAY_MS = 24 * 60 * 60 * 1000
+
+
+def is_canonical_event(name: str) -> bool:
+    """True for a name in CANONICAL_EVENTS or ``custom:<name>`` with a valid <name>."""
+    if name in CANONICAL_EVENTS:
+        return True
+    return (isinstance(name, str) and name.startswith(_CUSTOM_PREFIX)
+            and _CUSTOM_NAME_RE.fullmatch(name[len(_CUSTOM_PREFIX):]) is not None)
+
+
+class PartnerConfigError(ValueError):
+    """The partner file cannot be used. ``str()`` is ``<source>: <path>: <problem>``.
+
+    ``source`` is the file (or the name given to ``parse_partner_config``), ``path`` the
+    dotted TOML table/key path ("" for the document itself) and ``problem`` what is
+    wrong. Secret values are never included.
+    """
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        self.source = source
+        self.path = path
+        self.problem = problem
+        where = f"{source}: {path}" if path else source
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.path, self.problem))
+
+
+def _freeze_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Advertiser:
+    """One advertiser: how its postbacks authenticate and how its vocabulary maps to ours.
+
+    Instances from ``parse_partner_config``/``load_partner_config`` satisfy every rule
+    of the file format (see the module docstring). Direct construction only freezes the
+    containers and derives ``default_key_id``; it does not validate.
+    """
+
+    advertiser_id: str
+    auth_modes: tuple[str, ...] = ("hmac",)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    default_key_id: str | None = None
+    token: str | None = field(default=None, repr=False)
+    allow_ips: tuple[IPNetwork, ...] = ()
+    timestamp_tolerance_s: int = DEFAULT_TIMESTAMP_TOLERANCE_S
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    event_map: Mapping[str, str] = field(default_factory=dict)
+    status_map: Mapping[str, str] = field(default_factory=dict)
+    dedupe_horizon_days: int = DEFAULT_DEDUPE_HORIZON_DAYS
+    one_time_events: tuple[str, ...] = DEFAULT_ONE_TIME_EVENTS
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    token_header: str | None = None
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "auth_modes", tuple(self.auth_modes))
+        set_(self, "secrets", _freeze_map(self.secrets))
+        set_(self, "allow_ips", tuple(
+            n if isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            else ipaddress.ip_network(n, strict=False)
+            for n in self.allow_ips))
+        set_(self, "aliases", _freeze_map(self.aliases))
+        set_(self, "event_map", _freeze_map(self.event_map))
+        set_(self, "status_map", _freeze_map(self.status_map))
+        set_(self, "one_time_events", tuple(self.one_time_events))
+        set_(self, "defaults", _freeze_map(self.defaults))
+        if self.default_key_id is None and len(self.secrets) == 1:
+            set_(self, "default_key_id", next(iter(self.secrets)))
+
+    @property
+    def allows_hmac(self) -> bool:
+        """Whether HMAC-signed postbacks are accepted."""
+        return "hmac" in self.auth_modes
+
+    @property
+    def allows_token(self) -> bool:
+        """Whether postbacks carrying the legacy shared token are accepted."""
+        return "token" in self.auth_modes
+
+    @property
+    def timestamp_tolerance_ms(self) -> int:
+        """``timestamp_tolerance_s`` in milliseconds."""
+        return self.timestamp_tolerance_s * 1000
+
+    @property
+    def dedupe_horizon_ms(self) -> int:
+        """``dedupe_horizon_days`` in milliseconds."""
+        return self.dedupe_horizon_days * _DAY_MS
+
+    def ip_allowed(self, ip: str) -> bool:
+        """Whether a request from ``ip`` may be accepted.
+
+        An empty allowlist allows everything. An address that does not parse is never
+        allowed (when there is an allowlist). IPv4-mapped IPv6 addresses
+        (``::ffff:198.51.100.7``) also match the IPv4 networks.
+        """
+        if not self.allow_ips:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip.strip() if isinstance(ip, str) else ip)
+        except (ValueError, TypeError):
+            return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            candidates.append(addr.ipv4_mapped)
+        return any(a in net for a in candidates for net in self.allow_ips)
+
+    def secret_for(self, key_id: str | None) -> str | None:
+        """The HMAC secret for ``key_id`` (``default_key_id`` when None); None if unknown."""
+        kid = self.default_key_id if key_id is None else key_id
+        if kid is None:
+            return None
+        return self.secrets.get(kid)
+
+    def map_event(self, name: str) -> str | None:
+        """The canonical event for the advertiser's event ``name``, or None if unknown.
+
+        ``event_map`` first, then a canonical name as it is, then ``custom:<name>`` only
+        when given literally in that form. Matching is exact (case-sensitive).
+        """
+        mapped = self.event_map.get(name)
+        if mapped is not None:
+            return mapped
+        return name if is_canonical_event(name) else None
+
+    def map_status(self, value: str | None) -> str | None:
+        """The status ("approved"/"pending"/"rejected") for an advertiser status value.
+
+        No status (None) means "approved"; then ``status_map``; then a status name as
+        it is; anything else is None (unknown).
+        """
+        if value is None:
+            return "approved"
+        mapped = self.status_map.get(value)
+        if mapped is not None:
+            return mapped
+        return value if value in STATUSES else None
+
+    def canonical_name(self, param: str) -> str:
+        """The canonical name of an incoming parameter: its alias target, or itself.
+
+        ``advertiser_id`` is always itself (it is read before any alias can apply).
+        """
+        if param == "advertiser_id":
+            return param
+        return self.aliases.get(param, param)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One offer: which advertiser it belongs to, where clicks land, attribution windows.
+
+    Instances from the loader satisfy the file-format rules: ``advertiser_id`` names a
+    configured advertiser and ``landing_url`` (when set) is an http(s) URL using only
+    the allowed placeholders, none in its scheme or host.
+    """
+
+    offer_id: str
+    advertiser_id: str
+    landing_url: str | None = None
+    attribution_window_days: int = DEFAULT_ATTRIBUTION_WINDOW_DAYS
+    attribution_windows: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attribution_windows", _freeze_map(self.attribution_windows))
+
+    def landing_for(
+        self,
+        click_id: str,
+        affiliate_id: str | None,
+        campaign_id: str | None = None,
+        subs: Sequence[str | None] = (None,) * 5,
+    ) -> str | None:
+        """The landing URL for one click, or None when the offer has no landing URL.
+
+        Each placeholder is replaced by its value percent-encoded with
+        ``quote(value, safe="")`` (so a value can never add path segments, query
+        parameters or a fragment); a missing value becomes "". ``subs`` holds sub1..sub5
+        (fewer than five is fine; more is a ValueError).
+        """
+        if self.landing_url is None:
+            return None
+        if len(subs) > 5:
+            raise ValueError(f"at most 5 subs (sub1..sub5), got {len(subs)}")
+        padded = tuple(subs) + (None,) * (5 - len(subs))
+        values: dict[str, str | None] = {
+            "click_id": click_id, "offer_id": self.offer_id,
+            "affiliate_id": affiliate_id, "campaign_id": campaign_id,
+        }
+        values.update({f"sub{i}": v for i, v in enumerate(padded, start=1)})
+        return render_template(self.landing_url, values)
+
+    def window_days(self, event: str) -> int:
+        """Attribution window for a canonical ``event``, days (override or default)."""
+        return self.attribution_windows.get(event, self.attribution_window_days)
+
+    def window_ms(self, event: str) -> int:
+        """Attribution window for a canonical ``event``, milliseconds."""
+        return self.window_days(event) * _DAY_MS
+
+
+@dataclass(frozen=True)
+class PartnerConfig:
+    """All advertisers and offers, plus ingest settings. Immutable; replace as a whole."""
+
+    ingest_bulk_token: str | None = field(default=None, repr=False)
+    advertisers: Mapping[str, Advertiser] = field(default_factory=dict)
+    offers: Mapping[str, Offer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "advertisers", _freeze_map(self.advertisers))
+        object.__setattr__(self, "offers", _freeze_map(self.offers))
+
+    @classmethod
+    def empty(cls) -> "PartnerConfig":
+        """No partners and bulk import disabled (e.g. when no file is configured)."""
+        return cls()
+
+    @property
+    def bulk_import_enabled(self) -> bool:
+        """Whether ``[ingest] bulk_token`` is set."""
+        return self.ingest_bulk_token is not None
+
+    def longest_attribution_window_days(self) -> int:
+        """The longest attribution window of any offer and event (the default when there are no offers)."""
+        windows = [DEFAULT_ATTRIBUTION_WINDOW_DAYS]
+        for offer in self.offers.values():
+            windows.append(offer.attribution_window_days)
+            windows.extend(offer.attribution_windows.values())
+        return max(windows)
+
+    def advertiser(self, advertiser_id: str) -> Advertiser | None:
+        """The advertiser with this id, or None."""
+        return self.advertisers.get(advertiser_id)
+
+    def offer(self, offer_id: str) -> Offer | None:
+        """The offer with this id, or None."""
+        return self.offers.get(offer_id)
