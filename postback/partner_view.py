@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 if TYPE_CHECKING:  # attribute access only; keeps the hot path import-light
-    from postback.partners import Advertiser
+    from postback.partner_model import Advertiser
 
 __all__ = [
     "AUTH_PARAMS",

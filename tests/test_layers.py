@@ -31,20 +31,6 @@ SEAMED = frozenset({"faust", "aiokafka", "mode"})
 SEAM = "processors/runtime/"
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node except those under ``if TYPE_CHECKING:`` (annotations only; never executed)."""
-    out: list[ast.AST] = []
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        out.append(node)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            todo.extend(node.orelse)
-            continue
-        todo.extend(ast.iter_child_nodes(node))
-    return out
-
-
 def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """(line, module, names judged) of every import statement in ``path``, relative imports resolved.
 
@@ -55,7 +41,7 @@ def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = path.relative_to(ROOT).with_suffix("").parts[:-1]
     found: list[tuple[int, str, list[str]]] = []
-    for node in _runtime_nodes(tree):
+    for node in ast.walk(tree):  # annotation-only imports (TYPE_CHECKING) count too
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name, [alias.name]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
