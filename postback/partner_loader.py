@@ -91,6 +91,64 @@ All tables are optional; an empty file is a valid configuration with no partners
     attribution_window_days = 30
     # Optional per-event override (canonical event -> days, each 1..400).
     attribution_windows = { purchase = 30, renewal = 400 }
+    # How long after a payout a refund or chargeback of the same order (same advertiser
+    # and order_id) still takes it back, days. Default 30, range 0..3650.
+    clawback_days = 30
+
+    # What affiliates earn. Key: a canonical event (or "custom:<name>"). Money is always
+    # a decimal STRING ("5.00"), never a TOML number (a float would not be exact): a
+    # number is a load error. At most 6 decimal places; amounts >= 0.
+    [offers.offer-1.payouts.purchase]
+    # "cpa" (a fixed amount), "revshare" (a percent of the conversion's revenue) or
+    # "cpa_plus_revshare" (both). Required.
+    type = "cpa_plus_revshare"
+    # The cpa part and its currency (ISO 4217, ^[A-Z]{3}$): required for "cpa" and
+    # "cpa_plus_revshare", not allowed for "revshare".
+    amount = "5.00"
+    currency = "USD"
+    # The revshare part, percent of the revenue, "0".."100": required for "revshare" and
+    # "cpa_plus_revshare", not allowed for "cpa".
+    percent = "10"
+    # Optional. A tier applies once the affiliate has >= min_approved (1..10000000)
+    # approved conversions of this offer in the current month (account timezone); the
+    # highest one reached wins. It replaces amount and/or percent (at least one; only
+    # the parts the type has); each min_approved at most once.
+    tiers = [ { min_approved = 100, amount = "6.00", percent = "12" } ]
+
+    # Limits for the whole offer; every key optional, but at least one limit is set.
+    [offers.offer-1.caps]
+    daily_conversions = 100           # integers 1..1000000000
+    monthly_conversions = 1000
+    daily_payout = "500.00"           # in the reporting currency, decimal strings > 0
+    monthly_payout = "10000.00"
+    on_cap = "hold"                   # "hold" (default) or "reject" a conversion over a limit
+
+    # The same keys, applied to each (offer, affiliate) separately.
+    [offers.offer-1.affiliate_caps]
+    daily_conversions = 10
+    on_cap = "reject"
+
+    # Conversions that look wrong are held. All optional (but at least one is set).
+    [offers.offer-1.quality]
+    min_click_to_conversion_s = 10    # 0..31622400; not above the max
+    max_click_to_conversion_s = 2592000   # 1..31622400
+    max_conversions_per_click = 1     # per click and event, 1..1000000
+
+    [account]
+    # Currency of reports and of payout caps (ISO 4217). Default "USD".
+    reporting_currency = "USD"
+    # IANA timezone (zoneinfo) of cap periods, tier months and daily reports. Default "UTC".
+    timezone = "Europe/Berlin"
+
+    [affiliates.aff-1]                # affiliate id: ^[A-Za-z0-9_.-]{1,64}$
+    name = "Affiliate One"            # display name; default: the id
+    status = "active"                 # "active" (default) or "paused": conversions are held
+    # Per-offer, per-event overrides: same shape as an offer's payouts; the offer must
+    # be configured in this file. An override wins over the offer's rule for that event.
+    [affiliates.aff-1.payouts.offer-1.purchase]
+    type = "cpa"
+    amount = "7.50"
+    currency = "EUR"
 
 A commented, loadable example lives in ``deploy/partners.example.toml``.
 """
@@ -104,24 +162,36 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from postback.landing_url import check_template
 from postback.partner_model import (
+    AFFILIATE_STATUSES,
     AUTH_MODES,
     CANONICAL_EVENTS,
     DEFAULT_ATTRIBUTION_WINDOW_DAYS,
+    DEFAULT_CLAWBACK_DAYS,
     DEFAULT_DEDUPE_HORIZON_DAYS,
     DEFAULT_ONE_TIME_EVENTS,
     DEFAULT_TIMESTAMP_TOLERANCE_S,
     MIN_SECRET_LEN,
+    ON_CAP_ACTIONS,
+    PAYOUT_KINDS,
     STATUSES,
+    Account,
     Advertiser,
+    Affiliate,
+    Caps,
     IPNetwork,
     Offer,
     PartnerConfig,
     PartnerConfigError,
+    PayoutRule,
+    Quality,
+    Tier,
     is_canonical_event,
 )
 
@@ -131,7 +201,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _PARAM_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
 
-_TOP_KEYS = ("ingest", "advertisers", "offers")
+_TOP_KEYS = ("ingest", "account", "advertisers", "offers", "affiliates")
 _INGEST_KEYS = ("bulk_token",)
 _ADVERTISER_KEYS = (
     "preset", "auth_modes", "secrets", "default_key_id", "token", "token_header", "allow_ips",
@@ -147,7 +217,17 @@ _RESERVED_HEADERS = frozenset({"x-postback-timestamp", "x-postback-key-id", "x-p
 _CURRENCY_RE = re.compile(r"[A-Z]{3}")
 #: Advertiser keys that are tables; a preset's entries and the file's are merged entry by entry.
 _MAP_KEYS = ("aliases", "event_map", "status_map", "defaults")
-_OFFER_KEYS = ("advertiser_id", "landing_url", "attribution_window_days", "attribution_windows")
+_OFFER_KEYS = ("advertiser_id", "landing_url", "attribution_window_days", "attribution_windows",
+               "payouts", "caps", "affiliate_caps", "quality", "clawback_days")
+_ACCOUNT_KEYS = ("reporting_currency", "timezone")
+_AFFILIATE_KEYS = ("name", "status", "payouts")
+_RULE_KEYS = ("type", "amount", "currency", "percent", "tiers")
+_TIER_KEYS = ("min_approved", "amount", "percent")
+_CAPS_KEYS = ("daily_conversions", "monthly_conversions", "daily_payout", "monthly_payout", "on_cap")
+_QUALITY_KEYS = ("min_click_to_conversion_s", "max_click_to_conversion_s", "max_conversions_per_click")
+#: Money and percents: plain decimal text, at most 6 decimal places (the Conversion record's scale).
+_MONEY_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
+_MAX_QUALITY_S = 366 * 86_400
 
 
 def load_partner_config(path: Path) -> PartnerConfig:
@@ -273,6 +353,13 @@ class _Reader:
             path = _join("offers", offer_id)
             self.ident(offer_id, path, "offer id")
             offers[offer_id] = self.offer(offer_id, body, path, advertisers)
+        account = self.account(doc.get("account", {}))
+        affiliates_t = self.table(doc.get("affiliates", {}), "affiliates")
+        affiliates = {}
+        for aff_id, body in affiliates_t.items():
+            path = _join("affiliates", aff_id)
+            self.ident(aff_id, path, "affiliate id")
+            affiliates[aff_id] = self.affiliate(aff_id, body, path, offers)
         for adv_id, adv in advertisers.items():
             offer_id = adv.defaults.get("offer_id")
             if offer_id is not None:
@@ -280,7 +367,8 @@ class _Reader:
                 if offer is None or offer.advertiser_id != adv_id:
                     raise self.fail(_join(_join("advertisers", adv_id), "defaults"),
                                     f"default offer_id {offer_id!r} is not an offer of this advertiser")
-        return PartnerConfig(ingest_bulk_token=bulk_token, advertisers=advertisers, offers=offers)
+        return PartnerConfig(ingest_bulk_token=bulk_token, advertisers=advertisers, offers=offers,
+                             account=account, affiliates=affiliates)
 
     def ingest(self, value: Any) -> str | None:
         table = self.table(value, "ingest")
@@ -479,8 +567,177 @@ class _Reader:
             self.event(ev, p, "")
             self.integer(days, _join(p, ev), 1, 400)
 
+        p = _join(path, "payouts")
+        payouts = {}
+        for ev, body in self.table(t.get("payouts", {}), p).items():
+            self.event(ev, p, "payout event ")
+            payouts[ev] = self.payout_rule(body, _join(p, ev))
+        caps = self.caps(t["caps"], _join(path, "caps")) if "caps" in t else None
+        affiliate_caps = (self.caps(t["affiliate_caps"], _join(path, "affiliate_caps"))
+                          if "affiliate_caps" in t else None)
+        quality = self.quality(t["quality"], _join(path, "quality")) if "quality" in t else None
+        clawback_days = self.integer(t.get("clawback_days", DEFAULT_CLAWBACK_DAYS),
+                                     _join(path, "clawback_days"), 0, 3650)
+
         return Offer(offer_id=offer_id, advertiser_id=adv_id, landing_url=landing,
-                     attribution_window_days=default_days, attribution_windows=windows)
+                     attribution_window_days=default_days, attribution_windows=windows,
+                     payouts=payouts, caps=caps, affiliate_caps=affiliate_caps, quality=quality,
+                     clawback_days=clawback_days)
+
+    # ---- commission
+
+    def money(self, value: Any, path: str, what: str = "amount") -> Decimal:
+        """A non-negative decimal STRING; a TOML number is refused because a float is not exact."""
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+            kind = "float" if isinstance(value, float) else "integer"
+            raise self.fail(path, f"{what} is a TOML {kind}; write it as a quoted decimal string, "
+                                  f"e.g. \"{value}\" (money is never a float)")
+        text = self.string(value, path)
+        if not _MONEY_RE.fullmatch(text):
+            raise self.fail(path, f"{what} {text!r} is not a decimal number >= 0 with at most 6 decimal "
+                                  "places, e.g. \"5.00\"")
+        try:
+            return Decimal(text)
+        except InvalidOperation as e:  # pragma: no cover - the pattern admits only valid decimals
+            raise self.fail(path, f"{what} {text!r} is not a decimal number") from e
+
+    def percent(self, value: Any, path: str) -> Decimal:
+        pct = self.money(value, path, "percent")
+        if pct > 100:
+            raise self.fail(path, f"percent must be between 0 and 100, got {value!r}")
+        return pct
+
+    def currency(self, value: Any, path: str) -> str:
+        code = self.string(value, path)
+        if not _CURRENCY_RE.fullmatch(code):
+            raise self.fail(path, f"{code!r} is not a currency: an upper-case ISO 4217 code such as \"USD\"")
+        return code
+
+    def account(self, value: Any) -> Account:
+        t = self.table(value, "account")
+        self.check_keys(t, "account", _ACCOUNT_KEYS)
+        currency = self.currency(t.get("reporting_currency", "USD"), "account.reporting_currency")
+        p = "account.timezone"
+        tz = self.string(t.get("timezone", "UTC"), p)
+        try:
+            if not tz or tz != tz.strip():
+                raise ValueError(tz)
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError, OSError) as e:
+            raise self.fail(p, f"unknown timezone {tz!r}: use an IANA name such as \"Europe/Berlin\" "
+                               "or \"UTC\"") from e
+        return Account(reporting_currency=currency, timezone=tz)
+
+    def payout_rule(self, value: Any, path: str) -> PayoutRule:
+        t = self.table(value, path)
+        self.check_keys(t, path, _RULE_KEYS)
+        p = _join(path, "type")
+        if "type" not in t:
+            raise self.fail(p, f"required: one of {', '.join(PAYOUT_KINDS)}")
+        kind = self.string(t["type"], p)
+        if kind not in PAYOUT_KINDS:
+            hint = difflib.get_close_matches(kind, PAYOUT_KINDS, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise self.fail(p, f"unknown payout type {kind!r}{did_you_mean}; allowed: {', '.join(PAYOUT_KINDS)}")
+        has_cpa, has_rev = kind in ("cpa", "cpa_plus_revshare"), kind in ("revshare", "cpa_plus_revshare")
+        amount = currency = percent = None
+        for key, needed in (("amount", has_cpa), ("currency", has_cpa), ("percent", has_rev)):
+            if needed and key not in t:
+                raise self.fail(_join(path, key), f"required for type {kind!r}")
+            if not needed and key in t:
+                raise self.fail(_join(path, key), f"not allowed for type {kind!r}")
+        if has_cpa:
+            amount = self.money(t["amount"], _join(path, "amount"))
+            currency = self.currency(t["currency"], _join(path, "currency"))
+        if has_rev:
+            percent = self.percent(t["percent"], _join(path, "percent"))
+        p = _join(path, "tiers")
+        tiers_v = t.get("tiers", [])
+        if not isinstance(tiers_v, list):
+            raise self.fail(p, f"must be an array of tables, got {_type_name(tiers_v)}")
+        tiers: list[Tier] = []
+        for i, item in enumerate(tiers_v):
+            tp = f"{p}[{i}]"
+            tt = self.table(item, tp)
+            self.check_keys(tt, tp, _TIER_KEYS)
+            if "min_approved" not in tt:
+                raise self.fail(_join(tp, "min_approved"), "required: approved conversions this month from "
+                                                           "which the tier applies")
+            min_approved = self.integer(tt["min_approved"], _join(tp, "min_approved"), 1, 10_000_000)
+            if "amount" not in tt and "percent" not in tt:
+                raise self.fail(tp, "a tier needs amount or percent (or both)")
+            if "amount" in tt and not has_cpa:
+                raise self.fail(_join(tp, "amount"), f"not allowed: type {kind!r} has no cpa amount")
+            if "percent" in tt and not has_rev:
+                raise self.fail(_join(tp, "percent"), f"not allowed: type {kind!r} has no revshare percent")
+            t_amount = self.money(tt["amount"], _join(tp, "amount")) if "amount" in tt else None
+            t_percent = self.percent(tt["percent"], _join(tp, "percent")) if "percent" in tt else None
+            if any(x.min_approved == min_approved for x in tiers):
+                raise self.fail(_join(tp, "min_approved"), f"another tier already starts at {min_approved}")
+            tiers.append(Tier(min_approved=min_approved, amount=t_amount, percent=t_percent))
+        return PayoutRule(kind=kind, amount=amount, currency=currency, percent=percent, tiers=tuple(tiers))
+
+    def caps(self, value: Any, path: str) -> Caps:
+        t = self.table(value, path)
+        self.check_keys(t, path, _CAPS_KEYS)
+        ints = {k: self.integer(t[k], _join(path, k), 1, 1_000_000_000)
+                for k in ("daily_conversions", "monthly_conversions") if k in t}
+        money = {}
+        for k in ("daily_payout", "monthly_payout"):
+            if k in t:
+                money[k] = self.money(t[k], _join(path, k))
+                if money[k] <= 0:
+                    raise self.fail(_join(path, k), "must be greater than 0")
+        if not ints and not money:
+            raise self.fail(path, "sets no limit: give at least one of daily_conversions, monthly_conversions, "
+                                  "daily_payout, monthly_payout (or remove the table)")
+        p = _join(path, "on_cap")
+        on_cap = self.string(t.get("on_cap", "hold"), p)
+        if on_cap not in ON_CAP_ACTIONS:
+            raise self.fail(p, f"unknown action {on_cap!r}; allowed: {', '.join(ON_CAP_ACTIONS)}")
+        return Caps(on_cap=on_cap, **ints, **money)
+
+    def quality(self, value: Any, path: str) -> Quality:
+        t = self.table(value, path)
+        self.check_keys(t, path, _QUALITY_KEYS)
+        if not t:
+            raise self.fail(path, f"sets no rule: give at least one of {', '.join(_QUALITY_KEYS)} "
+                                  "(or remove the table)")
+        lo = (self.integer(t["min_click_to_conversion_s"], _join(path, "min_click_to_conversion_s"),
+                           0, _MAX_QUALITY_S) if "min_click_to_conversion_s" in t else None)
+        hi = (self.integer(t["max_click_to_conversion_s"], _join(path, "max_click_to_conversion_s"),
+                           1, _MAX_QUALITY_S) if "max_click_to_conversion_s" in t else None)
+        if lo is not None and hi is not None and lo > hi:
+            raise self.fail(_join(path, "min_click_to_conversion_s"),
+                            f"{lo} is above max_click_to_conversion_s ({hi}): every conversion would be held")
+        per_click = (self.integer(t["max_conversions_per_click"], _join(path, "max_conversions_per_click"),
+                                  1, 1_000_000) if "max_conversions_per_click" in t else None)
+        return Quality(min_click_to_conversion_s=lo, max_click_to_conversion_s=hi,
+                       max_conversions_per_click=per_click)
+
+    def affiliate(self, aff_id: str, value: Any, path: str, offers: Mapping[str, Offer]) -> Affiliate:
+        t = self.table(value, path)
+        self.check_keys(t, path, _AFFILIATE_KEYS)
+        name = self.string(t.get("name", aff_id), _join(path, "name"))
+        if not name.strip():
+            raise self.fail(_join(path, "name"), "may not be blank (omit it to use the id)")
+        p = _join(path, "status")
+        status = self.string(t.get("status", "active"), p)
+        if status not in AFFILIATE_STATUSES:
+            raise self.fail(p, f"unknown status {status!r}; allowed: {', '.join(AFFILIATE_STATUSES)}")
+        p = _join(path, "payouts")
+        payouts: dict[str, dict[str, PayoutRule]] = {}
+        for offer_id, rules in self.table(t.get("payouts", {}), p).items():
+            op = _join(p, offer_id)
+            if offer_id not in offers:
+                known = ", ".join(offers) or "none configured"
+                raise self.fail(op, f"unknown offer {offer_id!r} (known: {known}); an override must name "
+                                    "a configured offer")
+            payouts[offer_id] = {}
+            for ev, body in self.table(rules, op).items():
+                self.event(ev, op, "payout event ")
+                payouts[offer_id][ev] = self.payout_rule(body, _join(op, ev))
+        return Affiliate(affiliate_id=aff_id, name=name, status=status, payouts=payouts)
 
     def landing_url(self, value: Any, path: str) -> str:
         url = self.string(value, path)

@@ -9,6 +9,10 @@ conversions. So the result is immutable (frozen dataclasses, tuples,
 swapped as a whole on reload; there is no module-level mutable state; and secrets and
 tokens never appear in ``repr()`` or in error messages.
 
+The commission side (``Account``, ``Affiliate``, ``PayoutRule``, ``Tier``, ``Caps``,
+``Quality`` and the offer's payout fields) is configuration only: the engine that applies
+it is ``processors.commission``. Money is ``Decimal`` throughout, never a float.
+
 This module is the model and its lookups; the TOML file format and the loader that
 validates it are in ``postback.partner_loader``, offer landing URL templates in
 ``postback.landing_url``. Import all of them from ``postback.partners``.
@@ -20,18 +24,29 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
 from postback.landing_url import render_template
 
 __all__ = [
+    "AFFILIATE_STATUSES",
     "AUTH_MODES",
     "CANONICAL_EVENTS",
+    "DEFAULT_CLAWBACK_DAYS",
     "DEFAULT_ONE_TIME_EVENTS",
+    "ON_CAP_ACTIONS",
+    "PAYOUT_KINDS",
     "STATUSES",
+    "Account",
     "Advertiser",
+    "Affiliate",
+    "Caps",
     "Offer",
+    "PayoutRule",
+    "Quality",
+    "Tier",
     "PartnerConfig",
     "PartnerConfigError",
     "is_canonical_event",
@@ -50,6 +65,14 @@ STATUSES: tuple[str, ...] = ("approved", "pending", "rejected")
 AUTH_MODES: tuple[str, ...] = ("hmac", "token")
 #: Events de-duplicated per click (when no order id) unless an advertiser overrides it.
 DEFAULT_ONE_TIME_EVENTS: tuple[str, ...] = ("lead", "signup", "install", "trial_start")
+
+#: Payout rule kinds: a fixed amount, a share of the revenue, or both.
+PAYOUT_KINDS: tuple[str, ...] = ("cpa", "revshare", "cpa_plus_revshare")
+#: What happens to a conversion over a cap.
+ON_CAP_ACTIONS: tuple[str, ...] = ("hold", "reject")
+#: Affiliate states; a paused affiliate's conversions are held.
+AFFILIATE_STATUSES: tuple[str, ...] = ("active", "paused")
+DEFAULT_CLAWBACK_DAYS = 30
 
 DEFAULT_TIMESTAMP_TOLERANCE_S = 300
 DEFAULT_DEDUPE_HORIZON_DAYS = 90
@@ -91,6 +114,118 @@ class PartnerConfigError(ValueError):
 
 def _freeze_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value or {}))
+
+
+# --------------------------------------------------------------------------- commission
+
+
+@dataclass(frozen=True)
+class Account:
+    """Account-wide settings: the currency reports are in and the timezone periods use.
+
+    Cap periods (day, month), tier months and FX dates are taken in ``timezone``.
+    """
+
+    reporting_currency: str = "USD"
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A better rate once an affiliate has ``min_approved`` approved conversions this month.
+
+    ``amount`` replaces the rule's cpa amount and ``percent`` its revshare percent; a
+    None keeps the rule's own value.
+    """
+
+    min_approved: int
+    amount: Decimal | None = None
+    percent: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class PayoutRule:
+    """What an affiliate earns for one event.
+
+    ``kind`` is one of PAYOUT_KINDS. ``amount``/``currency`` are the cpa part (cpa and
+    cpa_plus_revshare), ``percent`` the revshare part in percent of the conversion's
+    revenue (revshare and cpa_plus_revshare). ``tiers`` are sorted by ``min_approved``.
+    """
+
+    kind: str
+    amount: Decimal | None = None
+    currency: str | None = None
+    percent: Decimal | None = None
+    tiers: tuple[Tier, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tiers", tuple(sorted(self.tiers, key=lambda t: t.min_approved)))
+
+    def tier_for(self, approved: int) -> Tier | None:
+        """The tier reached with ``approved`` approved conversions (highest ``min_approved`` wins), or None."""
+        reached = None
+        for tier in self.tiers:
+            if approved >= tier.min_approved:
+                reached = tier
+        return reached
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Limits per day and per month (account timezone); None means no limit.
+
+    Payout limits are in the account's reporting currency. ``on_cap`` ("hold" or
+    "reject") is what happens to a conversion over a limit.
+    """
+
+    daily_conversions: int | None = None
+    monthly_conversions: int | None = None
+    daily_payout: Decimal | None = None
+    monthly_payout: Decimal | None = None
+    on_cap: str = "hold"
+
+    @property
+    def has_payout_caps(self) -> bool:
+        """Whether a payout limit is set (it needs the payout in the reporting currency)."""
+        return self.daily_payout is not None or self.monthly_payout is not None
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Conversions that look wrong are held: too soon or too late after the click, or too many per click."""
+
+    min_click_to_conversion_s: int | None = None
+    max_click_to_conversion_s: int | None = None
+    max_conversions_per_click: int | None = None
+
+
+@dataclass(frozen=True)
+class Affiliate:
+    """One affiliate (publisher): display name, status and per-offer, per-event payout overrides.
+
+    ``payouts`` maps offer_id -> event -> PayoutRule; an override wins over the offer's rule
+    for that event.
+    """
+
+    affiliate_id: str
+    name: str = ""
+    status: str = "active"
+    payouts: Mapping[str, Mapping[str, PayoutRule]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.affiliate_id)
+        object.__setattr__(self, "payouts", MappingProxyType(
+            {offer_id: _freeze_map(rules) for offer_id, rules in (self.payouts or {}).items()}))
+
+    @property
+    def paused(self) -> bool:
+        """Whether this affiliate's conversions are held."""
+        return self.status == "paused"
+
+    def override(self, offer_id: str, event: str) -> PayoutRule | None:
+        """This affiliate's own rule for ``event`` of ``offer_id``, or None."""
+        return self.payouts.get(offer_id, {}).get(event)
 
 
 # --------------------------------------------------------------------------- model
@@ -230,9 +365,15 @@ class Offer:
     landing_url: str | None = None
     attribution_window_days: int = DEFAULT_ATTRIBUTION_WINDOW_DAYS
     attribution_windows: Mapping[str, int] = field(default_factory=dict)
+    payouts: Mapping[str, PayoutRule] = field(default_factory=dict)
+    caps: Caps | None = None
+    affiliate_caps: Caps | None = None
+    quality: Quality | None = None
+    clawback_days: int = DEFAULT_CLAWBACK_DAYS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attribution_windows", _freeze_map(self.attribution_windows))
+        object.__setattr__(self, "payouts", _freeze_map(self.payouts))
 
     def landing_for(
         self,
@@ -271,15 +412,18 @@ class Offer:
 
 @dataclass(frozen=True)
 class PartnerConfig:
-    """All advertisers and offers, plus ingest settings. Immutable; replace as a whole."""
+    """All advertisers, offers and affiliates, plus ingest and account settings. Immutable; replace as a whole."""
 
     ingest_bulk_token: str | None = field(default=None, repr=False)
     advertisers: Mapping[str, Advertiser] = field(default_factory=dict)
     offers: Mapping[str, Offer] = field(default_factory=dict)
+    account: Account = field(default_factory=Account)
+    affiliates: Mapping[str, Affiliate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "advertisers", _freeze_map(self.advertisers))
         object.__setattr__(self, "offers", _freeze_map(self.offers))
+        object.__setattr__(self, "affiliates", _freeze_map(self.affiliates))
 
     @classmethod
     def empty(cls) -> "PartnerConfig":
@@ -306,3 +450,9 @@ class PartnerConfig:
     def offer(self, offer_id: str) -> Offer | None:
         """The offer with this id, or None."""
         return self.offers.get(offer_id)
+
+    def affiliate(self, affiliate_id: str | None) -> Affiliate | None:
+        """The configured affiliate with this id, or None (also for None)."""
+        if affiliate_id is None:
+            return None
+        return self.affiliates.get(affiliate_id)

@@ -3,7 +3,8 @@
 What every caller imports. The parts live in their own modules:
 
 - ``postback.partner_model``: the frozen model (``Advertiser``, ``Offer``,
-  ``PartnerConfig``), its lookups, constants and ``PartnerConfigError``;
+  ``PartnerConfig``, and for commissions ``Account``, ``Affiliate``, ``PayoutRule``,
+  ``Tier``, ``Caps``, ``Quality``), its lookups, constants and ``PartnerConfigError``;
 - ``postback.partner_loader``: the TOML file format (documented there) and its strict
   validation (``load_partner_config``, ``parse_partner_config``);
 - ``postback.landing_url``: offer landing URL templates.
@@ -16,37 +17,57 @@ from __future__ import annotations
 from postback.landing_url import LANDING_PLACEHOLDERS
 from postback.partner_loader import load_partner_config, parse_partner_config
 from postback.partner_model import (
+    AFFILIATE_STATUSES,
     AUTH_MODES,
     CANONICAL_EVENTS,
     DEFAULT_ATTRIBUTION_WINDOW_DAYS,
+    DEFAULT_CLAWBACK_DAYS,
     DEFAULT_DEDUPE_HORIZON_DAYS,
     DEFAULT_ONE_TIME_EVENTS,
     DEFAULT_TIMESTAMP_TOLERANCE_S,
     MIN_SECRET_LEN,
+    ON_CAP_ACTIONS,
+    PAYOUT_KINDS,
     STATUSES,
+    Account,
     Advertiser,
+    Affiliate,
+    Caps,
     IPNetwork,
     Offer,
     PartnerConfig,
     PartnerConfigError,
+    PayoutRule,
+    Quality,
+    Tier,
     is_canonical_event,
 )
 
 __all__ = [
+    "AFFILIATE_STATUSES",
     "AUTH_MODES",
     "CANONICAL_EVENTS",
     "DEFAULT_ATTRIBUTION_WINDOW_DAYS",
+    "DEFAULT_CLAWBACK_DAYS",
     "DEFAULT_DEDUPE_HORIZON_DAYS",
     "DEFAULT_ONE_TIME_EVENTS",
     "DEFAULT_TIMESTAMP_TOLERANCE_S",
     "LANDING_PLACEHOLDERS",
     "MIN_SECRET_LEN",
+    "ON_CAP_ACTIONS",
+    "PAYOUT_KINDS",
     "STATUSES",
+    "Account",
     "Advertiser",
+    "Affiliate",
+    "Caps",
     "IPNetwork",
     "Offer",
     "PartnerConfig",
     "PartnerConfigError",
+    "PayoutRule",
+    "Quality",
+    "Tier",
     "is_canonical_event",
     "load_partner_config",
     "parse_partner_config",

@@ -75,6 +75,12 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
                           7 * _DAY_MS)),
     ("processor_attribute", ("processor-attribute", "partition of the click_id", 6, "internal-json", False,
                              7 * _DAY_MS)),
+    # Attributed conversions on their way to the commission engine, by offer: one offer's conversions meet
+    # on one partition, which is what makes its caps exact (processors/commission.py).
+    ("processor_commission", ("processor-commission", "offer_id (else conversion_id)", 6, "internal-json", False,
+                              7 * _DAY_MS)),
+    # Daily FX rates into the reporting currency; the latest value per currency and day wins.
+    ("fx_rates", ("fx-rates", "currency|date", 1, "FxRate", True, None)),
 )
 
 
@@ -94,6 +100,8 @@ class Topics:
     lifecycle_reversal: TopicSpec = field(init=False)
     processor_dedupe: TopicSpec = field(init=False)
     processor_attribute: TopicSpec = field(init=False)
+    processor_commission: TopicSpec = field(init=False)
+    fx_rates: TopicSpec = field(init=False)
 
     def __post_init__(self) -> None:
         for attr, (suffix, key, partitions, schema, compacted, retention_ms) in _LAYOUT:

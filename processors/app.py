@@ -14,6 +14,12 @@ Design (see docs/architecture.md):
   the same partition count, so faust assigns partition N of both to one worker: a table
   join instead of faust's (broken) stream-stream join. Conversions whose click is not
   there yet wait in the `pending` table; ticks sent to every partition expire them.
+- Stage 4 `commission` gets every conversion on the internal *commission* topic, on the
+  partition of its offer, and computes the affiliate's payout (`processors.commission`)
+  against the `commission` table: caps, tiers, quality holds, clawbacks and FX. All of an
+  offer's conversions meet on one partition, so a cap of N lets exactly N through however
+  many workers run. FX rates come from the fx-rates topic, which every worker reads whole
+  (`processors.fx_feed`).
 
 What each agent does with an event is `processors.handlers.StageHandlers`; batches, the
 tables' changelog, publishing and the commit order are the runtime's (`processors.runtime`,
@@ -34,6 +40,7 @@ from postback.config import ProcessOptions, Settings
 from postback.kafka import AsyncProducer, producer_config
 from postback.partners import PartnerConfig
 from postback.topics import Topics, TopicSpec
+from postback.fx import FxRates
 from processors.handlers import TICK, StageHandlers
 from processors.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from processors.metrics import ProcessorMetrics
@@ -46,7 +53,7 @@ from processors.runtime.tables import batch_table
 
 __all__ = ["TABLES", "app_id", "broker_url", "changelog_topics", "create_app"]
 
-TABLES = ("dedupe", "clicks", "pending")
+TABLES = ("dedupe", "clicks", "pending", "commission")
 
 
 def app_id(settings: Settings) -> str:
@@ -64,8 +71,12 @@ def changelog_topics(settings: Settings, opts: ProcessOptions) -> list[TopicSpec
 
 
 def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts: ProcessOptions,
-               data_dir: Path, worker_index: int = 0) -> PostbackApp:
-    """Build the processor app; every worker of one deployment uses the same app id (consumer group)."""
+               data_dir: Path, worker_index: int = 0, fx_rates: FxRates | None = None) -> PostbackApp:
+    """Build the processor app; every worker of one deployment uses the same app id (consumer group).
+
+    No I/O here. `fx_rates` is the worker's FX feed (`processors.fx_feed`, started by the
+    worker before the app); without one, every non-reporting currency is `fx_missing`.
+    """
     topics = Topics(settings.topic_prefix)
     metrics = ProcessorMetrics()
     app = new_app(app_id(settings), bootstrap, opts, data_dir, opts.web_port + worker_index,
@@ -74,9 +85,11 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     clicks_in = raw_topic(app, topics.clicks.name)
     dedupe_topic = raw_topic(app, topics.processor_dedupe.name, opts.partitions)
     attribute_topic = raw_topic(app, topics.processor_attribute.name, opts.partitions)
+    commission_topic = raw_topic(app, topics.processor_commission.name, opts.partitions)
     tables = {name: batch_table(app, name, opts.partitions) for name in TABLES}
     handlers = StageHandlers(partners, opts, tables["dedupe"], tables["clicks"], tables["pending"], metrics,
-                             rebalances=lambda: app.consumer.seeks)
+                             rebalances=lambda: app.consumer.seeks, commission_table=tables["commission"],
+                             fx=fx_rates)
     checkpoint = Checkpoint(tables.values(), _publisher_factory(bootstrap, topics, opts, metrics), metrics,
                             stopping=lambda: app.should_stop)
 
@@ -94,6 +107,8 @@ def create_app(settings: Settings, bootstrap: str, partners: PartnerConfig, opts
     add_agent(app, "processors.app.attribute", attribute_topic,
               agent("attribute", handlers.attribute, opts.envelope_batch_max))
     add_agent(app, "processors.app.clicks", clicks_in, agent("clicks", handlers.clicks, opts.batch_max))
+    add_agent(app, "processors.app.commission", commission_topic,
+              agent("commission", handlers.commission, opts.envelope_batch_max))
     add_ticks(app, [attribute_topic, dedupe_topic], TICK, opts.partitions)
     return app
 
@@ -109,7 +124,8 @@ def _publisher_factory(bootstrap: str, topics: Topics, opts: ProcessOptions,
             AsyncProducer(config, asyncio.get_running_loop()),
             {"conversion": topics.conversions.name, "rejection": topics.rejections.name,
              "duplicate": topics.duplicates.name},
-            {"dedupe": topics.processor_dedupe.name, "attribute": topics.processor_attribute.name},
+            {"dedupe": topics.processor_dedupe.name, "attribute": topics.processor_attribute.name,
+             "commission": topics.processor_commission.name},
             opts.partitions)
 
     return make

@@ -13,6 +13,14 @@ position.
   conversions without their click wait in the pending table; ticks forget clicks past the
   click horizon and expire pending entries whose wait is over.
 - `clicks` (clicks topic): fill the clicks table, attribute the conversions waiting for it.
+- `commission` (internal commission topic, envelopes, keyed by offer): every conversion the
+  stages above emit goes through it; the payout engine (`processors.commission`) runs on the
+  commission table shard of the conversion's offer. One offer's conversions all meet on one
+  partition, so its caps and tiers are counted in one place: exact, whatever the number of
+  workers. A message `{"backfill": conversion_id}` (sent by `postback fx backfill` to the
+  partition of the conversion's commission key) recomputes a conversion stored with
+  `fx_missing` once its rates are known (`processors.commission.recompute_fx`) and emits
+  it again, as the same version; nothing when it is not waiting or a rate is still missing.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from typing import Any
 
 from postback.config import ProcessOptions
 from postback.partners import DEFAULT_DEDUPE_HORIZON_DAYS, PartnerConfig
+from postback.fx import FxRates
 from processors import stages
+from processors.commission import commission, recompute_fx
 from processors.metrics import ProcessorMetrics
 from processors.pending_index import PendingIndex
 from processors.runtime.publish import decode_envelope
@@ -36,6 +46,21 @@ log = logging.getLogger("processors")
 TICK = b"__tick__"
 #: Pending entries visited per tick of a partition at most (the rest on the next ticks, a second apart).
 PENDING_VISITS_PER_TICK = 5_000
+
+
+#: The field of a commission-topic message asking to recompute a conversion's FX: `{"backfill": conversion_id}`.
+BACKFILL = "backfill"
+
+
+def commission_key(conversion: dict[str, Any]) -> str:
+    """The commission topic's key: the offer (the scope of every cap and tier), else the conversion."""
+    return conversion.get("offer_id") or conversion["conversion_id"]
+
+
+def to_commission(outputs: Iterable[stages.Output]) -> list[stages.Output]:
+    """The stages' conversions go to the commission stage first; other outputs are unchanged."""
+    return [stages.Output("commission", commission_key(out.record), out.record) if out.kind == "conversion" else out
+            for out in outputs]
 
 
 def event_id(event: Any) -> str:
@@ -52,9 +77,12 @@ class StageHandlers:
     """
 
     def __init__(self, partners: PartnerConfig, opts: ProcessOptions, dedupe: Any, clicks: Any, pending: Any,
-                 metrics: ProcessorMetrics, rebalances: Callable[[], int]) -> None:
+                 metrics: ProcessorMetrics, rebalances: Callable[[], int], commission_table: Any = None,
+                 fx: FxRates | None = None) -> None:
         self.partners = partners
         self.dedupe_table, self.clicks_table, self.pending_table = dedupe, clicks, pending
+        self.commission_table = commission_table if commission_table is not None else {}
+        self.fx = fx if fx is not None else FxRates()
         self.metrics = metrics
         self._rebalances = rebalances
         self._wait_ms = int(opts.late_click_wait_s * 1000)
@@ -73,7 +101,8 @@ class StageHandlers:
     def dedupe(self, event: Any, partition: int, now: int) -> Iterable[stages.Output]:
         if event.key == TICK:
             return self.dedupe_tick(partition, now)
-        return [stages.dedupe(msg, self.dedupe_table, partition, now) for msg in decode_envelope(event.value)]
+        return to_commission([stages.dedupe(msg, self.dedupe_table, partition, now)
+                              for msg in decode_envelope(event.value)])
 
     def dedupe_tick(self, partition: int, now: int) -> list[stages.Output]:
         """Expire the next chunk of the partition's dedupe entries past their horizon."""
@@ -96,7 +125,7 @@ class StageHandlers:
                 click_id = conversion["click_id"]
                 index.schedule(partition, click_id, stages.next_visit_ms(self.pending_table.get(click_id)))
             outputs.extend(attributed)
-        return outputs
+        return to_commission(outputs)
 
     def attribute_tick(self, partition: int, now: int, tick_id: str) -> list[stages.Output]:
         """Forget the next chunk of clicks past the click horizon, then release the pending
@@ -106,12 +135,31 @@ class StageHandlers:
         if removed:
             self.metrics.expired.labels("clicks").inc(removed)
             log.info("forgot %d clicks older than the click horizon on partition %d", removed, partition)
-        return self._expire_pending(partition, now, tick_id)
+        return to_commission(self._expire_pending(partition, now, tick_id))
 
     def clicks(self, event: Any, _partition: int, now: int) -> Iterable[stages.Output]:
         click = self._decoded(self._click_codec, event)
-        return [] if click is None else stages.click_arrived(click, self.clicks_table, self.pending_table,
-                                                             self.partners, now, event_id(event))
+        return [] if click is None else to_commission(stages.click_arrived(
+            click, self.clicks_table, self.pending_table, self.partners, now, event_id(event)))
+
+    def commission(self, event: Any, _partition: int, now: int) -> list[stages.Output]:
+        """The payout of each conversion, on its offer's partition; the final Conversion record.
+
+        A backfill message yields the conversion's recomputed record, or nothing (see the module docstring).
+        """
+        if event.key == TICK:
+            return []
+        outputs: list[stages.Output] = []
+        for record in decode_envelope(event.value):
+            if BACKFILL in record:
+                cid = record[BACKFILL]
+                again = recompute_fx(cid, self.partners, self.commission_table, self.fx, now)
+                if again is not None:
+                    outputs.append(stages.Output("conversion", cid, again))
+                continue
+            outputs.append(stages.Output("conversion", record["conversion_id"],
+                                         commission(record, self.partners, self.commission_table, self.fx, now)))
+        return outputs
 
     def _expire_pending(self, partition: int, now: int, tick_id: str) -> list[stages.Output]:
         # After a rebalance every partition is rebuilt from its table on its next tick

@@ -34,10 +34,14 @@ def run_worker(settings: Settings, bootstrap: str, opts: ProcessOptions, index: 
     """Run one worker in this process until SIGTERM/SIGINT."""
     from postback.eventloop import install_uvloop
     from processors.app import create_app
+    from processors.fx_feed import FxFeed
     from processors.runtime.worker import run_faust_worker
 
     install_uvloop()  # before faust creates its loop
-    app = create_app(settings, bootstrap, load_partners(settings), opts, data_root / f"processor-{index}", index)
+    # Every FX rate in the topic is read before the first conversion is processed (processors.fx_feed).
+    fx = FxFeed(bootstrap, Topics(settings.topic_prefix).fx_rates.name).start()
+    app = create_app(settings, bootstrap, load_partners(settings), opts, data_root / f"processor-{index}", index,
+                     fx_rates=fx.rates)
     run_faust_worker(app, loglevel, started=f"processor worker {index} started (pid {os.getpid()}, "
                                             f"web 127.0.0.1:{opts.web_port + index})")
 

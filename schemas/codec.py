@@ -31,6 +31,7 @@ any other implementation computes from the fully expanded schema.
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from typing import Any
@@ -138,7 +139,7 @@ class Codec:
     """
 
     __slots__ = ("name", "schema", "canonical_form", "fingerprint", "earlier_fingerprints", "_reader_schema",
-                 "_header", "_write", "_read")
+                 "_header", "_write", "_read", "_earlier_readers")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -151,12 +152,15 @@ class Codec:
         # fastavro returns the 8 fingerprint bytes in little-endian order, as hex.
         self.fingerprint: bytes = bytes.fromhex(fingerprint(self.canonical_form, "CRC-64-AVRO"))
         self._header = MARKER + self.fingerprint
-        #: Fingerprints of this schema's earlier versions (``schemas/history``) whose bodies it reads unchanged.
-        self.earlier_fingerprints: frozenset[bytes] = frozenset(_earlier_fingerprints(name))
         # Byte-identical to fastavro's schemaless_writer, ~4x faster (schemas/fastwriter.py).
         self._write = compile_writer(self.schema, prefix=self._header)
         # Same records as fastavro's schemaless_reader, ~1.8x faster (schemas/fastreader.py).
         self._read = compile_reader(self._reader_schema)
+        #: Readers of this schema's earlier versions (``schemas/history``), by their fingerprint.
+        self._earlier_readers = {fp: _upgrading_reader(old, self._reader_schema)
+                                 for fp, old in _earlier_versions(name)}
+        #: Fingerprints of this schema's earlier versions (``schemas/history``): their records decode too.
+        self.earlier_fingerprints: frozenset[bytes] = frozenset(self._earlier_readers)
 
     @classmethod
     def for_record(cls, name: str) -> Codec:
@@ -192,12 +196,15 @@ class Codec:
         Raises ``BadMarker``, ``SchemaMismatch`` (another of our schemas),
         ``UnknownFingerprint``, or ``CodecError`` for a corrupt or over-long body.
         """
-        if not data.startswith(self._header) and bytes(data[2:HEADER_LEN]) not in self.earlier_fingerprints:
-            _check_header(data)  # raises the precise error
-            other = _by_fingerprint()[data[2:HEADER_LEN]].name
-            raise SchemaMismatch(f"expected a {self.name} message, got a {other} message")
+        read = self._read
+        if not data.startswith(self._header):
+            read = self._earlier_readers.get(bytes(data[2:HEADER_LEN]))  # type: ignore[assignment]
+            if read is None:
+                _check_header(data)  # raises the precise error
+                other = _by_fingerprint()[data[2:HEADER_LEN]].name
+                raise SchemaMismatch(f"expected a {self.name} message, got a {other} message")
         try:
-            record, end = self._read(data, HEADER_LEN)
+            record, end = read(data, HEADER_LEN)
         except Exception as exc:  # fastreader raises ValueError for truncated/corrupt bodies
             raise CodecError(f"corrupt {self.name} body: {exc!r}") from exc
         if end != len(data):
@@ -254,18 +261,45 @@ def _by_fingerprint() -> dict[bytes, Codec]:
     return found
 
 
-def _earlier_fingerprints(name: str) -> list[bytes]:
-    """Fingerprints of ``schemas/history/<name>.<n>.avsc``: earlier versions of a schema.
+def _earlier_versions(name: str) -> list[tuple[bytes, Any]]:
+    """``(fingerprint, parsed schema)`` of each ``schemas/history/<name>.<n>.avsc``: earlier versions of a schema.
 
     Why: a message keeps its writer's fingerprint for as long as the topic keeps it, so
-    after a compatible change (an enum symbol appended) records written before an
-    upgrade must still decode. Only versions whose binary encoding the current schema
-    reads unchanged belong there; ``tests/schemas/test_codec.py`` checks that each one
-    does, by decoding a record written with it. History files are self-contained (every
-    named type written out).
+    after a compatible change records written before an upgrade must still decode. Only
+    changes that Avro schema resolution reads into the current schema without loss
+    belong there: an enum symbol appended, a field added with a default (e.g. the
+    Conversion payout fields, ``Conversion.1.avsc``). ``tests/schemas/test_codec.py``
+    decodes a record written with each one and compares with fastavro's resolution.
+    History files are self-contained (every named type written out).
     """
     out = []
     for path in sorted((SCHEMA_DIR / "history").glob(f"{name}.*.avsc")):
-        schema = parse_schema(json.loads(path.read_text(encoding="utf-8")), named_schemas={})
-        out.append(bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")))
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        schema = parse_schema(raw, named_schemas={})
+        fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+        out.append((fp, parse_schema(_drop_timestamp_logical_type(raw), named_schemas={})))
     return out
+
+
+def _upgrading_reader(writer: Any, reader: Any) -> Any:
+    """A compiled reader of records written with ``writer`` that returns them in ``reader``'s shape.
+
+    Avro resolution for the changes history files may hold: fields are matched by name,
+    a field the writer did not have takes its default (copied), a field the reader no
+    longer has is dropped, fields come out in the reader's order.
+    """
+    read_old = compile_reader(writer)
+    old_names = [f["name"] for f in writer["fields"]]
+    new_fields = [(f["name"], f.get("default")) for f in reader["fields"]]
+    missing = [(n, d) for n, d in new_fields if n not in old_names]
+    if [n for n, _ in new_fields] == old_names:
+        return read_old
+    for n, d in missing:
+        if not any(f["name"] == n and "default" in f for f in reader["fields"]):
+            raise CodecError(f"{reader['name']}.{n} has no default: records of an earlier version cannot be read")
+
+    def read(data: bytes, pos: int = 0) -> tuple[dict[str, Any], int]:
+        record, end = read_old(data, pos)
+        return {n: record[n] if n in record else copy.deepcopy(d) for n, d in new_fields}, end
+
+    return read

@@ -317,6 +317,157 @@ FROM
 GROUP BY click_day, affiliate_id, offer_id
 """
 
+_RATE = "Decimal(28, 12)"
+
+# Commission (issue 13): the payout decided by the commission engine, the amounts in the
+# account's reporting currency and the FX rates behind them. Rows written before the
+# engine existed keep NULL in every one of these columns. FX dates are `Date` (the
+# records carry YYYY-MM-DD text; the sink converts), so they compare with fx_rates.date.
+_COMMISSION_COLUMNS = (
+    ("payout", f"Nullable({_MONEY})"),
+    ("payout_currency", "LowCardinality(Nullable(String))"),
+    ("payout_status", "LowCardinality(Nullable(String))"),
+    ("payout_reason", "LowCardinality(Nullable(String))"),
+    ("payout_rule", "Nullable(String)"),
+    ("reporting_currency", "LowCardinality(Nullable(String))"),
+    ("revenue_reporting", f"Nullable({_MONEY})"),
+    ("payout_reporting", f"Nullable({_MONEY})"),
+    ("revenue_fx_rate", f"Nullable({_RATE})"),
+    ("revenue_fx_date", "Nullable(Date)"),
+    ("payout_fx_rate", f"Nullable({_RATE})"),
+    ("payout_fx_date", "Nullable(Date)"),
+    ("fx_status", "LowCardinality(Nullable(String))"),
+    ("cap_decision", "Nullable(String)"),
+)
+
+# revenue_reporting converts `amount`, which is positive on a reversal too (the sign
+# says it is one); payout and payout_reporting are already negative for a clawback.
+_CONVERSIONS_COMMISSION = (
+    "ALTER TABLE {db}.conversions\n"
+    + ",\n".join(f"    ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in _COMMISSION_COLUMNS)
+    + f",\n    ADD COLUMN IF NOT EXISTS signed_revenue_reporting Nullable({_MONEY}) "
+      "MATERIALIZED revenue_reporting * sign"
+)
+
+# One row per (currency, date): a reloaded rate replaces the earlier load (latest loaded_at).
+_FX_RATES = f"""
+CREATE TABLE IF NOT EXISTS {{db}}.fx_rates
+(
+    date Date,
+    currency LowCardinality(String),
+    rate {_RATE},
+    reporting_currency LowCardinality(String),
+    loaded_at {_TS}
+)
+ENGINE = ReplacingMergeTree(loaded_at)
+ORDER BY (currency, date)
+{_DEDUP}
+"""
+
+# The latest version of every conversion the commission engine decided (FINAL, then the
+# filter, as v_conversions_net does), every status. `day` is the UTC date of the event
+# time (else the receipt time): ClickHouse does not know the account's timezone, so for
+# other zones group by toDate(reported_at, '<zone>') on this view instead.
+_V_PAYOUTS = """
+CREATE OR REPLACE VIEW {db}.v_payouts AS
+SELECT
+    conversion_id, version, receipt_id, advertiser_id, offer_id, affiliate_id, click_id, event, status, order_id,
+    sign, toBool(sign < 0) AS is_reversal,
+    coalesce(event_time, received_at) AS reported_at,
+    toDate(reported_at) AS day,
+    amount, currency, payout, payout_currency, payout_status, payout_reason, payout_rule,
+    reporting_currency, revenue_reporting, signed_revenue_reporting, payout_reporting,
+    revenue_fx_rate, revenue_fx_date, payout_fx_rate, payout_fx_date, fx_status, cap_decision,
+    received_at, processed_at
+FROM {db}.conversions FINAL
+WHERE payout_status IS NOT NULL
+"""
+
+_ZERO = "toDecimal64(0, 6)"
+
+# What is owed to affiliates, net of clawbacks, in the reporting currency. Held, rejected
+# and unpaid conversions carry payout 0, so the sums need no status filter; a clawback is
+# a reversal (sign -1) with a negative payout.
+_V_PAYOUTS_DAILY = f"""
+CREATE OR REPLACE VIEW {{db}}.v_payouts_daily AS
+SELECT
+    day, reporting_currency, affiliate_id, offer_id,
+    countIf(sign > 0) AS conversions,
+    countIf(sign > 0 AND payout_status = 'payable') AS payable,
+    countIf(payout_status = 'hold') AS held,
+    countIf(payout_status = 'rejected') AS rejected,
+    countIf(sign < 0 AND ifNull(payout, {_ZERO}) != 0) AS clawbacks,
+    countIf(fx_status = 'fx_missing') AS fx_missing,
+    sumIf(ifNull(payout_reporting, {_ZERO}), sign > 0) AS gross_payout,
+    sumIf(ifNull(payout_reporting, {_ZERO}), sign < 0) AS clawed_back,
+    gross_payout + clawed_back AS net_payout
+FROM {{db}}.v_payouts
+GROUP BY day, reporting_currency, affiliate_id, offer_id
+"""
+
+# Revenue and payout over the same rows (approved conversions and their reversals, as
+# v_conversions_net counts revenue), both net and in the reporting currency; what is
+# still pending is shown apart. Re-derive the ratios after rolling rows up.
+_V_PAYOUT_TO_MARGIN = f"""
+CREATE OR REPLACE VIEW {{db}}.v_payout_to_margin AS
+SELECT
+    day, reporting_currency, advertiser_id, offer_id, affiliate_id,
+    countIf(status = 'approved' AND sign > 0) AS conversions,
+    sumIf(ifNull(signed_revenue_reporting, {_ZERO}), status = 'approved') AS revenue,
+    sumIf(ifNull(payout_reporting, {_ZERO}), status = 'approved') AS payout,
+    revenue - payout AS margin,
+    if(revenue = 0, NULL, toFloat64(payout) / toFloat64(revenue)) AS payout_to_revenue,
+    if(revenue = 0, NULL, toFloat64(margin) / toFloat64(revenue)) AS margin_rate,
+    sumIf(ifNull(signed_revenue_reporting, {_ZERO}), status = 'pending') AS pending_revenue,
+    sumIf(ifNull(payout_reporting, {_ZERO}), status = 'pending') AS pending_payout,
+    countIf(fx_status = 'fx_missing') AS fx_missing
+FROM {{db}}.v_payouts
+GROUP BY day, reporting_currency, advertiser_id, offer_id, affiliate_id
+"""
+
+# Cap usage as the engine counts it: conversions it counted as payable (sign +1), and
+# their payout, per offer and affiliate, per day and per month (UTC; see v_payouts). An
+# offer-wide cap's usage is the sum over its affiliates.
+_CAP_AGGREGATES = f"""
+    countIf(payout_status = 'payable' AND sign > 0) AS payable,
+    sumIf(ifNull(payout_reporting, {_ZERO}), payout_status = 'payable' AND sign > 0) AS payable_payout,
+    countIf(payout_status = 'hold') AS held,
+    countIf(payout_status = 'rejected') AS rejected,
+    sumMapIf(map(CAST(ifNull(payout_reason, '') AS String), toUInt64(1)), payout_status = 'hold')
+        AS held_by_reason,
+    sumMapIf(map(CAST(ifNull(payout_reason, '') AS String), toUInt64(1)), payout_status = 'rejected')
+        AS rejected_by_reason
+"""
+
+_V_CAP_USAGE = f"""
+CREATE OR REPLACE VIEW {{db}}.v_cap_usage AS
+SELECT 'day' AS period, day AS period_start, reporting_currency, offer_id, affiliate_id,
+{_CAP_AGGREGATES}
+FROM {{db}}.v_payouts
+WHERE offer_id IS NOT NULL
+GROUP BY period_start, reporting_currency, offer_id, affiliate_id
+UNION ALL
+SELECT 'month' AS period, toStartOfMonth(day) AS period_start, reporting_currency, offer_id, affiliate_id,
+{_CAP_AGGREGATES}
+FROM {{db}}.v_payouts
+WHERE offer_id IS NOT NULL
+GROUP BY period_start, reporting_currency, offer_id, affiliate_id
+"""
+
+_V_PAYOUT_HOLDS = """
+CREATE OR REPLACE VIEW {db}.v_payout_holds AS
+SELECT
+    day, advertiser_id, offer_id, affiliate_id, payout_status, payout_reason, reporting_currency,
+    count() AS conversions,
+    sum(ifNull(signed_revenue_reporting, toDecimal64(0, 6))) AS revenue,
+    countIf(fx_status = 'fx_missing') AS fx_missing,
+    argMax(conversion_id, reported_at) AS last_conversion_id,
+    any(cap_decision) AS sample_cap_decision
+FROM {db}.v_payouts
+WHERE payout_status IN ('hold', 'rejected')
+GROUP BY day, advertiser_id, offer_id, affiliate_id, payout_status, payout_reason, reporting_currency
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sink_tables", (_CLICKS, _CONVERSIONS, _OUTCOMES, _REJECTIONS, _DUPLICATES)),
     Migration(2, "analyst_views", (
@@ -327,6 +478,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         _V_REJECTION_REASONS_DAILY,
         _V_MATCH_RATE_DAILY,
         _V_AFFILIATE_CONVERSION_RATE_DAILY,
+    )),
+    Migration(3, "commission_columns", (_CONVERSIONS_COMMISSION, _FX_RATES)),
+    Migration(4, "commission_views", (
+        _V_PAYOUTS,
+        _V_PAYOUTS_DAILY,
+        _V_PAYOUT_TO_MARGIN,
+        _V_CAP_USAGE,
+        _V_PAYOUT_HOLDS,
     )),
 )
 

@@ -2,7 +2,8 @@
 
 Used by the ingester's `GET /postback/receipts/{receipt_id}` (partners debugging their
 own postbacks) and by `postback trace`. Every query reads with FINAL, so replays and
-retried inserts never show twice.
+retried inserts never show twice, except `trace`'s per-version payout history, which
+keeps one row per (conversion_id, version) with `LIMIT 1 BY`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,48 @@ def receipt_outcome(client: Any, receipt_id: str, now_ms: int | None = None) -> 
     return {"receipt_id": receipt_id, "status": "pending" if recent else "unknown"}
 
 
+#: What the commission engine decided for one conversion version (migration 3's columns).
+PAYOUT_COLUMNS = ("payout", "payout_currency", "payout_status", "payout_reason", "payout_rule", "reporting_currency",
+                  "revenue_reporting", "payout_reporting", "revenue_fx_rate", "revenue_fx_date", "payout_fx_rate",
+                  "payout_fx_date", "fx_status", "cap_decision")
+
+
+def _number(value: Any) -> str:
+    """A Decimal without trailing zeros (1.087000000000 -> 1.087, 5.000000 -> 5)."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def describe_payout(row: dict[str, Any]) -> str:
+    """One line for a conversion version of `trace`'s `payouts` section."""
+    head = f"{row['conversion_id']} v{row['version']} {row['event']} {row['status']}" + \
+        (" (reversal)" if row["sign"] < 0 else "")
+    if row["payout_status"] is None:
+        return f"{head}: no payout decision (written before the commission engine)"
+    payout = "-" if row["payout"] is None else f"{_number(row['payout'])} {row['payout_currency'] or ''}".strip()
+    parts = [f"{head}: payout {payout} {row['payout_status']}" +
+             (f" ({row['payout_reason']})" if row["payout_reason"] else "")]
+    if row["payout_rule"]:
+        parts.append(f"rule: {row['payout_rule']}")
+    fx = []
+    for what, amount in (("revenue", "revenue_reporting"), ("payout", "payout_reporting")):
+        rate, day = row[f"{what}_fx_rate"], row[f"{what}_fx_date"]
+        shown = "-" if row[amount] is None else _number(row[amount])
+        fx.append(f"{what} {shown} {row['reporting_currency'] or ''}".rstrip() +
+                  (f" at {_number(rate)}" if rate is not None else "") + (f" of {day}" if day else ""))
+    parts.append(f"fx {row['fx_status'] or '-'}: " + ", ".join(fx))
+    if row["cap_decision"]:
+        parts.append(f"cap: {row['cap_decision']}")
+    return "; ".join(parts)
+
+
 def trace(client: Any, ident: str) -> dict[str, list[dict[str, Any]]]:
-    """Everything ClickHouse knows about a click ID, order ID or receipt ID."""
+    """Everything ClickHouse knows about a click ID, order ID or receipt ID.
+
+    `payouts` lists every version of the conversions found that ClickHouse still holds (not
+    FINAL: a background merge eventually keeps only the latest), each with its commission
+    decision; `conversions` shows the latest version of each.
+    """
     if not _SAFE.match(ident):
         raise ValueError("an id is 1-128 characters of A-Z a-z 0-9 _ . : - /")
     p = {"i": ident}
@@ -71,11 +112,17 @@ def trace(client: Any, ident: str) -> dict[str, list[dict[str, Any]]]:
                              "click_id = {i:String} OR order_id = {i:String}) ORDER BY received_at",
                      {"r": sorted(receipts), "i": ident})
     receipts |= {o["receipt_id"] for o in outcomes}
+    conversion_ids = sorted({c["conversion_id"] for c in conversions})
+    payouts = _rows(client, "SELECT conversion_id, version, receipt_id, event, status, sign, "
+                            f"{', '.join(PAYOUT_COLUMNS)} FROM conversions WHERE conversion_id IN {{v:Array(String)}} "
+                            "ORDER BY conversion_id, version, inserted_at DESC LIMIT 1 BY conversion_id, version",
+                    {"v": conversion_ids}) if conversion_ids else []
     return {
         "clicks": _rows(client, "SELECT * FROM clicks FINAL WHERE click_id IN {c:Array(String)}",
                         {"c": sorted(click_ids)}),
         "outcomes": outcomes,
         "conversions": conversions,
+        "payouts": payouts,
         "duplicates": _rows(client, "SELECT * FROM duplicates FINAL WHERE receipt_id IN {r:Array(String)} "
                                     "OR order_id = {i:String} ORDER BY received_at", {"r": sorted(receipts), "i": ident}),
         "rejections": _rows(client, "SELECT receipt_id, received_at, reason, detail, advertiser_id, event FROM "

@@ -2,11 +2,14 @@
 
 Times stay epoch milliseconds (clickhouse-connect writes ints as DateTime64(3) ticks,
 no datetime objects on the hot path), money stays `Decimal`. Every topic record also
-yields its `postback_outcomes` row, so "one row per receipt" holds by construction.
+yields its `postback_outcomes` row, so "one row per receipt" holds by construction (FX rates
+are not postbacks and have none).
 """
 
 from __future__ import annotations
 
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 CLICK_COLUMNS = ("click_id", "clicked_at", "offer_id", "affiliate_id", "campaign_id", "sub1", "sub2", "sub3",
@@ -15,7 +18,11 @@ CONVERSION_COLUMNS = ("conversion_id", "version", "receipt_id", "advertiser_id",
                       "campaign_id", "click_id", "sub1", "sub2", "sub3", "sub4", "sub5", "event", "status",
                       "order_id", "customer_id", "period", "amount", "currency", "sign", "event_time",
                       "received_at", "processed_at", "clicked_at", "attributed", "attribution",
-                      "click_to_conversion_s", "dedupe_key", "auth_mode", "extras")
+                      "click_to_conversion_s", "dedupe_key", "auth_mode", "extras",
+                      # Commission (migration 3). Conversions written before them decode with these None.
+                      "payout", "payout_currency", "payout_status", "payout_reason", "payout_rule",
+                      "reporting_currency", "revenue_reporting", "payout_reporting", "revenue_fx_rate",
+                      "revenue_fx_date", "payout_fx_rate", "payout_fx_date", "fx_status", "cap_decision")
 OUTCOME_COLUMNS = ("receipt_id", "outcome", "reason", "advertiser_id", "event", "conversion_id", "received_at",
                    "processed_at")
 REJECTION_COLUMNS = ("receipt_id", "received_at", "processed_at", "advertiser_id", "event", "reason", "detail",
@@ -23,8 +30,10 @@ REJECTION_COLUMNS = ("receipt_id", "received_at", "processed_at", "advertiser_id
 DUPLICATE_COLUMNS = ("receipt_id", "first_receipt_id", "received_at", "processed_at", "advertiser_id", "event",
                      "order_id", "dedupe_key", "reason")
 
+FX_RATE_COLUMNS = ("date", "currency", "rate", "reporting_currency", "loaded_at")
+
 COLUMNS = {"clicks": CLICK_COLUMNS, "conversions": CONVERSION_COLUMNS, "postback_outcomes": OUTCOME_COLUMNS,
-           "rejections": REJECTION_COLUMNS, "duplicates": DUPLICATE_COLUMNS}
+           "rejections": REJECTION_COLUMNS, "duplicates": DUPLICATE_COLUMNS, "fx_rates": FX_RATE_COLUMNS}
 
 
 def _map(kvs: list[dict[str, str]]) -> dict[str, str]:
@@ -32,6 +41,11 @@ def _map(kvs: list[dict[str, str]]) -> dict[str, str]:
     for kv in kvs:
         out.setdefault(kv["key"], kv["value"])
     return out
+
+
+def _day(text: str | None) -> date | None:
+    """A YYYY-MM-DD field as the `date` a ClickHouse Date column takes."""
+    return None if text is None else date.fromisoformat(text)
 
 
 def click_rows(c: dict[str, Any]) -> dict[str, tuple]:
@@ -46,7 +60,11 @@ def conversion_rows(c: dict[str, Any]) -> dict[str, tuple]:
                   c["sub5"], c["event"], c["status"], c["order_id"], c["customer_id"], c["period"], c["amount"],
                   c["currency"], c["sign"], c["event_time_ms"], c["received_at_ms"], c["processed_at_ms"],
                   c["clicked_at_ms"], c["attributed"], c["attribution"], c["click_to_conversion_s"],
-                  c["dedupe_key"], c["auth_mode"], _map(c["extras"]))
+                  c["dedupe_key"], c["auth_mode"], _map(c["extras"]),
+                  c.get("payout"), c.get("payout_currency"), c.get("payout_status"), c.get("payout_reason"),
+                  c.get("payout_rule"), c.get("reporting_currency"), c.get("revenue_reporting"),
+                  c.get("payout_reporting"), c.get("revenue_fx_rate"), _day(c.get("revenue_fx_date")),
+                  c.get("payout_fx_rate"), _day(c.get("payout_fx_date")), c.get("fx_status"), c.get("cap_decision"))
     outcome = (c["receipt_id"], "accepted", "", c["advertiser_id"], c["event"], c["conversion_id"],
                c["received_at_ms"], c["processed_at_ms"])
     return {"conversions": conversion, "postback_outcomes": outcome}
@@ -70,5 +88,11 @@ def duplicate_rows(d: dict[str, Any]) -> dict[str, tuple]:
     return {"duplicates": duplicate, "postback_outcomes": outcome}
 
 
+def fx_rate_rows(f: dict[str, Any]) -> dict[str, tuple]:
+    """An FX rate is no postback: it has no `postback_outcomes` row. The rate travels as decimal text."""
+    return {"fx_rates": (date.fromisoformat(f["date"]), f["currency"], Decimal(f["rate"]), f["reporting_currency"],
+                         f["loaded_at_ms"])}
+
+
 ROWS_BY_SCHEMA = {"Click": click_rows, "Conversion": conversion_rows, "Rejection": rejection_rows,
-                  "Duplicate": duplicate_rows}
+                  "Duplicate": duplicate_rows, "FxRate": fx_rate_rows}

@@ -44,7 +44,7 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from postback.clickhouse import client_factory
-    from sinks.queries import trace
+    from sinks.queries import PAYOUT_COLUMNS, describe_payout, trace
 
     journey = trace(client_factory(clickhouse_url(settings), args.database)(), args.id)
     if args.json:
@@ -53,7 +53,11 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
         for section, rows in journey.items():
             print(f"{section} ({len(rows)})")
             for row in rows:
-                shown = {k: v for k, v in row.items() if v not in (None, "", {}, [])}
+                if section == "payouts":
+                    print("  " + describe_payout(row))
+                    continue
+                hidden = PAYOUT_COLUMNS if section == "conversions" else ()  # shown per version under payouts
+                shown = {k: v for k, v in row.items() if v not in (None, "", {}, []) and k not in hidden}
                 print("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0 if any(journey.values()) else 1
 
@@ -61,7 +65,9 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
 def register_trace(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace", help="show a click's, order's or receipt's journey from ClickHouse",
                        description="Print everything ClickHouse knows about an id: the click, each postback's "
-                                   "outcome (accepted, duplicate, rejected and why), and the conversion rows. "
+                                   "outcome (accepted, duplicate, rejected and why), the conversion rows, and for "
+                                   "each conversion version its payout (amount and currency, status and reason, "
+                                   "rule, the FX rates and dates used, fx_status, cap decision). "
                                    "Exit 1 when nothing is found.")
     p.add_argument("id", help="a click ID, order ID, receipt ID or conversion ID")
     p.add_argument("--database", default="postback")

@@ -25,6 +25,8 @@ def test_default_names():
         "postback.lifecycle.reversal",
         "postback.processor-dedupe",
         "postback.processor-attribute",
+        "postback.processor-commission",
+        "postback.fx-rates",
     ]
     assert topics.raw_postbacks.name == "postback.raw-postbacks"
 
@@ -57,9 +59,16 @@ def test_layout():
            for family in ("acquisition", "purchase", "subscription", "reversal")},
         "processor-dedupe": ("partition of the dedupe key", 6, "internal-json"),
         "processor-attribute": ("partition of the click_id", 6, "internal-json"),
+        "processor-commission": ("offer_id (else conversion_id)", 6, "internal-json"),
+        "fx-rates": ("currency|date", 1, "FxRate"),
     }
     # Co-partitioned for the click/postback join (faust assigns partition N of each to one worker).
     assert t.clicks.partitions == t.raw_postbacks.partitions == t.processor_attribute.partitions
+    assert t.processor_commission.partitions == t.processor_attribute.partitions
+    assert not t.processor_commission.compacted and t.processor_commission.retention_ms == 7 * 86_400_000
+    # One partition, compacted: every worker reads all rates; the latest per currency and day wins.
+    assert t.fx_rates.compacted and t.fx_rates.retention_ms is None
+    assert t.fx_rates.config() == {"cleanup.policy": "compact"}
 
 
 def test_frozen():

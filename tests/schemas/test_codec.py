@@ -127,7 +127,28 @@ CONVERSION = {
     "sign": -1,
     "auth_mode": "hmac",
     "extras": [{"key": "coupon", "value": "SPRING"}],
+    "payout": Decimal("-5.000000"),
+    "payout_currency": "USD",
+    "payout_status": "payable",
+    "payout_reason": "clawback",
+    "payout_rule": "offer o1 purchase: cpa 5.00 USD",
+    "reporting_currency": "USD",
+    "revenue_reporting": Decimal("21.730000"),
+    "payout_reporting": Decimal("-5.000000"),
+    "revenue_fx_rate": Decimal("1.087000000000"),
+    "revenue_fx_date": "2023-11-14",
+    "payout_fx_rate": Decimal("1.000000000000"),
+    "payout_fx_date": None,
+    "fx_status": "ok",
+    "cap_decision": "counted offer:o1 day 2023-11-14 3/100",
 }
+
+#: The Conversion fields appended for the commission engine (schemas/history/Conversion.1.avsc predates them).
+PAYOUT_FIELDS = (
+    "payout", "payout_currency", "payout_status", "payout_reason", "payout_rule", "reporting_currency",
+    "revenue_reporting", "payout_reporting", "revenue_fx_rate", "revenue_fx_date", "payout_fx_rate",
+    "payout_fx_date", "fx_status", "cap_decision",
+)
 
 RECORDS = {
     "KeyValue": {"key": "k", "value": "v"},
@@ -170,6 +191,13 @@ RECORDS = {
         "order_id": "A-1",
         "dedupe_key": "acme|purchase|A-1",
         "reason": "order_repeat",
+    },
+    "FxRate": {
+        "date": "2023-11-14",
+        "currency": "EUR",
+        "rate": "1.0870",
+        "reporting_currency": "USD",
+        "loaded_at_ms": T0,
     },
 }
 
@@ -376,3 +404,116 @@ def test_a_duplicate_written_before_the_superseded_reason_still_decodes() -> Non
     assert codec.decode(message) == record
     assert decode_any(message) == ("Duplicate", record)
     assert codec.decode(codec.encode(dict(record, reason="superseded")))["reason"] == "superseded"
+
+
+def _history_schema(name: str, version: int):
+    return fastavro.parse_schema(
+        json.loads((SCHEMA_DIR / "history" / f"{name}.{version}.avsc").read_text()), named_schemas={})
+
+
+def _fingerprint_of(parsed) -> bytes:
+    return bytes.fromhex(fastavro_fingerprint(fastavro.schema.to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+
+
+def _full_schema(name: str):
+    """The current schema as fastavro parses it from the .avsc files (defaults and logical types kept)."""
+    return Codec.for_record(name).schema
+
+
+def test_conversion_history_is_the_schema_before_the_payout_fields():
+    old = _history_schema("Conversion", 1)
+    new = Codec.for_record("Conversion").schema
+    old_names = [f["name"] for f in old["fields"]]
+    new_names = [f["name"] for f in new["fields"]]
+    assert new_names == old_names + list(PAYOUT_FIELDS)  # appended at the end, nothing else changed
+    for field in new["fields"][len(old_names):]:
+        assert field["type"][0] == "null" and "default" in field and field["default"] is None
+    kinds = {f["name"]: f["type"][1] for f in new["fields"][len(old_names):]}
+    for name in ("payout", "revenue_reporting", "payout_reporting"):
+        assert (kinds[name]["logicalType"], kinds[name]["precision"], kinds[name]["scale"]) == ("decimal", 18, 6)
+    for name in ("revenue_fx_rate", "payout_fx_rate"):
+        assert (kinds[name]["logicalType"], kinds[name]["precision"], kinds[name]["scale"]) == ("decimal", 28, 12)
+    codec = Codec.for_record("Conversion")
+    assert _fingerprint_of(old) in codec.earlier_fingerprints and _fingerprint_of(old) != codec.fingerprint
+
+
+def test_a_conversion_written_before_the_payout_fields_decodes_with_them_null():
+    old = _history_schema("Conversion", 1)
+    record = {k: v for k, v in CONVERSION.items() if k not in PAYOUT_FIELDS}
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, old, record)
+    message = b"\xc3\x01" + _fingerprint_of(old) + body.getvalue()
+    expected = dict(record, **dict.fromkeys(PAYOUT_FIELDS))
+    codec = Codec.for_record("Conversion")
+    decoded = codec.decode(message)
+    assert decoded == expected and list(decoded) == list(expected)  # the current schema's field order
+    assert decode_any(message) == ("Conversion", expected)
+    # The same as Avro schema resolution (writer = old, reader = new) gives.
+    resolved = fastavro.schemaless_reader(io.BytesIO(body.getvalue()), old, _full_schema("Conversion"))
+    assert _ms_to_datetime(decoded) == resolved
+    # Each decode gets its own defaults (a mutable default is never shared).
+    decoded["extras"].append({"key": "x", "value": "y"})
+    assert codec.decode(message)["extras"] == record["extras"]
+
+
+def test_a_truncated_old_conversion_is_still_refused():
+    old = _history_schema("Conversion", 1)
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, old, {k: v for k, v in CONVERSION.items() if k not in PAYOUT_FIELDS})
+    message = b"\xc3\x01" + _fingerprint_of(old) + body.getvalue()
+    with pytest.raises(CodecError):
+        Codec.for_record("Conversion").decode(message[:-2])
+    with pytest.raises(CodecError, match="trailing"):
+        Codec.for_record("Conversion").decode(message + b"\x00")
+
+
+def test_an_old_reader_reads_new_conversions_ignoring_the_payout_fields():
+    """Avro resolution the other way: a consumer still on the old schema reads what we write now."""
+    data = Codec.for_record("Conversion").encode(CONVERSION)
+    old = _history_schema("Conversion", 1)
+    read = fastavro.schemaless_reader(io.BytesIO(data[10:]), _full_schema("Conversion"), old)
+    assert read == _ms_to_datetime({k: v for k, v in CONVERSION.items() if k not in PAYOUT_FIELDS})
+
+
+@pytest.mark.parametrize(
+    ("field", "sent", "received"),
+    [
+        ("payout", Decimal("7.5"), Decimal("7.500000")),
+        ("payout", Decimal("-123456789012.123456"), Decimal("-123456789012.123456")),
+        ("payout_reporting", Decimal("0"), Decimal("0.000000")),
+        ("revenue_fx_rate", Decimal("1.087"), Decimal("1.087000000000")),
+        ("revenue_fx_rate", Decimal("0.000000000001"), Decimal("0.000000000001")),
+        ("payout_fx_rate", Decimal("9999999999999999.999999999999"), Decimal("9999999999999999.999999999999")),
+        ("payout_fx_rate", None, None),
+    ],
+)
+def test_payout_and_rate_decimals_are_exact(field, sent, received):
+    codec = Codec.for_record("Conversion")
+    value = codec.decode(codec.encode(dict(CONVERSION, **{field: sent})))[field]
+    assert value == received
+    if received is not None:
+        assert isinstance(value, Decimal) and str(value) == str(received)
+
+
+@pytest.mark.parametrize(("field", "value"), [("revenue_fx_rate", Decimal("1.0000000000001")),
+                                               ("payout", Decimal("0.0000001")), ("payout", 5.0)])
+def test_payout_decimals_beyond_their_scale_are_refused(field, value):
+    with pytest.raises(InvalidRecord, match=field) as info:
+        Codec.for_record("Conversion").encode(dict(CONVERSION, **{field: value}))
+    assert info.value.field == f"Conversion.{field}"
+
+
+def test_a_conversion_without_the_payout_fields_encodes_them_as_null():
+    codec = Codec.for_record("Conversion")
+    record = {k: v for k, v in CONVERSION.items() if k not in PAYOUT_FIELDS}
+    assert codec.decode(codec.encode(record)) == dict(record, **dict.fromkeys(PAYOUT_FIELDS))
+    assert codec.decode(codec.encode(record, validated=False)) == dict(record, **dict.fromkeys(PAYOUT_FIELDS))
+
+
+def test_fx_rate_round_trip_keeps_the_rate_text():
+    codec = Codec.for_record("FxRate")
+    record = dict(RECORDS["FxRate"], rate="0.000123456789")
+    assert codec.decode(codec.encode(record)) == record
+    assert decode_any(codec.encode(record)) == ("FxRate", record)
+    with pytest.raises(InvalidRecord, match="rate"):
+        codec.encode(dict(record, rate=Decimal("1.1")))

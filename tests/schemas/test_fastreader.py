@@ -310,3 +310,29 @@ def test_deep_recursion_is_a_value_error() -> None:
 def test_unsupported_unions_are_refused_at_compile_time() -> None:
     with pytest.raises(NotImplementedError):
         compile_reader(parse_schema({"type": "record", "name": "U", "fields": [{"name": "u", "type": ["int", "long"]}]}))
+
+
+def test_conversion_payout_decimals_and_rates_exactly_as_fastavro() -> None:
+    """The commission fields: decimal(18,6) payouts and decimal(28,12) FX rates, each nullable."""
+    codec = Codec.for_record("Conversion")
+    read = compile_reader(codec._reader_schema)
+    rng = random.Random(13)
+    base = {"conversion_id": "c", "receipt_id": "r", "advertiser_id": "a", "event": "purchase", "status": "approved",
+            "received_at_ms": 1, "processed_at_ms": 2, "attributed": True, "version": 1, "sign": 1,
+            "auth_mode": "hmac"}
+    rates = [Decimal("1"), Decimal("0.000000000001"), Decimal("-0.000000000001"), Decimal("1.087"),
+             Decimal("9999999999999999.999999999999"), Decimal("-9999999999999999.999999999999"), None]
+    # d digits, at most 16 of them before the point (precision 28 - scale 12)
+    rates += [Decimal(rng.randint(-(10**d) + 1, 10**d - 1)).scaleb(-rng.randint(max(0, d - 16), 12))
+              for d in range(1, 29) for _ in range(5)]
+    for rate in rates:
+        payout = None if rate is None else Decimal(rng.randint(-(10**17), 10**17)).scaleb(-6)
+        record = dict(base, revenue_fx_rate=rate, payout_fx_rate=rate, payout=payout, payout_reporting=payout)
+        data = codec.encode(record)
+        assert data == codec.encode(record, validated=False)
+        theirs, end = fastavro_read(data, codec._reader_schema, HEADER_LEN)
+        assert end == len(data)
+        assert_same(read(data, HEADER_LEN), (theirs, len(data)))
+        assert (theirs["revenue_fx_rate"] is None) is (rate is None)
+        if rate is not None:
+            assert theirs["revenue_fx_rate"] == rate and theirs["revenue_fx_rate"].as_tuple().exponent == -12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,10 @@ from sinks.migrations import MIGRATIONS, Migration, MigrationError, apply_migrat
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"clicks", "conversions", "postback_outcomes", "rejections", "duplicates"}
+TABLES = {"clicks", "conversions", "postback_outcomes", "rejections", "duplicates", "fx_rates"}
 VIEWS = {"v_conversions_net", "v_revenue_daily", "v_revenue_by_click_day", "v_postback_health_hourly",
-         "v_rejection_reasons_daily", "v_match_rate_daily", "v_affiliate_conversion_rate_daily"}
+         "v_rejection_reasons_daily", "v_match_rate_daily", "v_affiliate_conversion_rate_daily",
+         "v_payouts", "v_payouts_daily", "v_payout_to_margin", "v_cap_usage", "v_payout_holds"}
 
 
 def ts(text: str) -> datetime:
@@ -362,6 +363,194 @@ def test_canonical_net_revenue_query_from_the_doc(sample: Any) -> None:
     result = rows(sample, canonical)
     assert [(str(r["day"]), r["advertiser_id"], r["currency"], r["gross"], r["reversals"], r["net"]) for r in result] \
         == [("2026-03-01", "adv1", "USD", Decimal("160"), Decimal("30"), Decimal("130"))]
+
+
+# -- commission: payouts, margin, caps, holds ------------------------------------------------------
+
+COMMISSION_COLS = ["payout", "payout_currency", "payout_status", "payout_reason", "payout_rule", "reporting_currency",
+                   "revenue_reporting", "payout_reporting", "revenue_fx_rate", "revenue_fx_date", "payout_fx_rate",
+                   "payout_fx_date", "fx_status", "cap_decision"]
+EUR = Decimal("1.087")
+
+
+def paid(cid: str, version: int, *, amount: str, currency: str, payout: str, payout_currency: str = "USD",
+         status: str = "approved", payout_status: str = "payable", reason: str | None = None,
+         revenue_reporting: str | None = None, payout_reporting: str | None = None, fx_status: str = "ok",
+         cap: str | None = None, offer: str = "o1", affiliate: str = "a1", event: str = "purchase",
+         order: str | None = None) -> list[Any]:
+    row = conversion(cid, version, status=status, event=event, order=order or cid, amount=amount, offer=offer,
+                     affiliate=affiliate, click_id=f"click-{cid}", clicked_at="2026-03-01 07:00:00",
+                     event_time="2026-03-01 08:00:00", received=f"2026-03-01 {8 + version:02d}:00:00")
+    row[CONV_COLS.index("currency")] = currency
+    rate = {"USD": Decimal(1), "EUR": EUR}
+    fx_ok = fx_status == "ok"
+    return row + [Decimal(payout), payout_currency, payout_status, reason, f"offer {offer} {event}: cpa", "USD",
+                  Decimal(revenue_reporting) if revenue_reporting else None,
+                  Decimal(payout_reporting) if payout_reporting else None,
+                  rate.get(currency) if fx_ok else None, date(2026, 3, 1) if fx_ok else None,
+                  rate.get(payout_currency) if fx_ok else None, date(2026, 2, 27) if fx_ok else None,
+                  fx_status, cap]
+
+
+@pytest.fixture
+def payouts(migrated: Any) -> Any:
+    client = migrated
+    cols = CONV_COLS + COMMISSION_COLS
+    client.insert("conversions", [
+        # P: pending and payable, then approved with a tier's higher payout (version 2 replaces version 1).
+        paid("P", 1, amount="100", currency="EUR", payout="5", status="pending", revenue_reporting="108.70",
+             payout_reporting="5"),
+        # Q: a payout in EUR, converted.
+        paid("Q", 1, amount="50", currency="USD", payout="7.5", payout_currency="EUR", revenue_reporting="50",
+             payout_reporting="8.15"),
+        # S: still pending, payable.
+        paid("S", 1, amount="40", currency="USD", payout="4", status="pending", revenue_reporting="40",
+             payout_reporting="4"),
+        # H: over the offer's daily cap (hold); J: over the affiliate's (reject). Payout 0 both.
+        paid("H", 1, amount="20", currency="USD", payout="0", payout_status="hold", reason="cap_daily_conversions",
+             revenue_reporting="20", payout_reporting="0", affiliate="a2", cap="over offer:o1 day 2026-03-01 2/2"),
+        paid("J", 1, amount="10", currency="USD", payout="0", payout_status="rejected",
+             reason="affiliate_cap_daily_conversions", revenue_reporting="10", payout_reporting="0", affiliate="a2",
+             cap="over affiliate:a2@o1 day 2026-03-01 1/1"),
+        # F: no GBP rate: the payout stands in its own currency, the reporting amounts are NULL.
+        paid("F", 1, amount="10", currency="GBP", payout="3", payout_currency="GBP", fx_status="fx_missing",
+             offer="o2"),
+    ], column_names=cols)
+    client.insert("conversions", [
+        paid("P", 2, amount="100", currency="EUR", payout="6", revenue_reporting="108.70", payout_reporting="6"),
+        # K: refund of P's order: the 5 paid so far clawed back (a reversal, so revenue is signed by `sign`).
+        paid("K", 1, amount="30", currency="EUR", payout="-5", reason="clawback", revenue_reporting="32.61",
+             payout_reporting="-5", event="refund", order="P"),
+    ], column_names=cols)
+    # A conversion written before the commission engine: no payout fields, not in the payout views.
+    client.insert("conversions", [conversion("OLD", 1, order="OLD", amount="99", affiliate="a1")],
+                  column_names=CONV_COLS)
+    client.insert("fx_rates", [[date(2026, 3, 1), "EUR", EUR, "USD", ts("2026-03-01 00:00:00")],
+                               [date(2026, 3, 1), "EUR", Decimal("1.088000000001"), "USD", ts("2026-03-01 06:00:00")],
+                               [date(2026, 2, 27), "GBP", Decimal("1.25"), "USD", ts("2026-03-01 00:00:00")]],
+                  column_names=["date", "currency", "rate", "reporting_currency", "loaded_at"])
+    return client
+
+
+def test_commission_columns_and_types(migrated: Any) -> None:
+    types = dict(migrated.query("SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                                "AND table = 'conversions'").result_rows)
+    assert {name: types[name] for name in COMMISSION_COLS + ["signed_revenue_reporting"]} == {
+        "payout": "Nullable(Decimal(18, 6))", "payout_currency": "LowCardinality(Nullable(String))",
+        "payout_status": "LowCardinality(Nullable(String))", "payout_reason": "LowCardinality(Nullable(String))",
+        "payout_rule": "Nullable(String)", "reporting_currency": "LowCardinality(Nullable(String))",
+        "revenue_reporting": "Nullable(Decimal(18, 6))", "payout_reporting": "Nullable(Decimal(18, 6))",
+        "revenue_fx_rate": "Nullable(Decimal(28, 12))", "revenue_fx_date": "Nullable(Date)",
+        "payout_fx_rate": "Nullable(Decimal(28, 12))", "payout_fx_date": "Nullable(Date)",
+        "fx_status": "LowCardinality(Nullable(String))", "cap_decision": "Nullable(String)",
+        "signed_revenue_reporting": "Nullable(Decimal(18, 6))",
+    }
+    fx = dict(migrated.query("SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                             "AND table = 'fx_rates'").result_rows)
+    assert fx == {"date": "Date", "currency": "LowCardinality(String)", "rate": "Decimal(28, 12)",
+                  "reporting_currency": "LowCardinality(String)", "loaded_at": "DateTime64(3, 'UTC')"}
+
+
+def test_commission_migration_on_a_table_with_rows_leaves_them_null(clickhouse: ClickHouseService,
+                                                                    ch_database: str) -> None:
+    client = clickhouse.client(ch_database)
+    apply_migrations(client, ch_database, progress=quiet, migrations=MIGRATIONS[:2])
+    client.insert("conversions", [conversion("B4", 1, order="B4", amount="12")], column_names=CONV_COLS)
+    assert apply_migrations(client, ch_database, progress=quiet) == [3, 4]
+    (row,) = rows(client, "SELECT payout, payout_status, revenue_fx_date, signed_revenue_reporting FROM conversions")
+    assert row == {"payout": None, "payout_status": None, "revenue_fx_date": None, "signed_revenue_reporting": None}
+    assert scalar(client, "SELECT count() FROM v_payouts") == 0
+
+
+def test_fx_rates_keep_the_latest_load(payouts: Any) -> None:
+    assert rows(payouts, "SELECT date, currency, rate FROM fx_rates FINAL ORDER BY currency") == [
+        {"date": date(2026, 3, 1), "currency": "EUR", "rate": Decimal("1.088000000001")},
+        {"date": date(2026, 2, 27), "currency": "GBP", "rate": Decimal("1.25")},
+    ]
+
+
+def test_v_payouts_is_the_latest_version_of_decided_conversions(payouts: Any) -> None:
+    got = {r["conversion_id"]: r for r in rows(payouts, "SELECT * FROM v_payouts")}
+    assert set(got) == {"P", "Q", "S", "H", "J", "F", "K"}  # OLD has no payout decision
+    assert (got["P"]["version"], got["P"]["status"], got["P"]["payout"]) == (2, "approved", Decimal("6"))
+    assert (got["K"]["is_reversal"], got["K"]["payout"], got["K"]["signed_revenue_reporting"]) \
+        == (True, Decimal("-5"), Decimal("-32.61"))
+    assert (got["Q"]["payout_fx_rate"], got["Q"]["payout_fx_date"]) == (EUR, date(2026, 2, 27))
+    assert (got["F"]["fx_status"], got["F"]["payout_reporting"], got["F"]["revenue_fx_rate"]) \
+        == ("fx_missing", None, None)
+    assert {str(r["day"]) for r in got.values()} == {"2026-03-01"}
+
+
+def test_payouts_daily_net_of_clawbacks(payouts: Any) -> None:
+    daily = {(r["offer_id"], r["affiliate_id"]): r for r in rows(payouts, "SELECT * FROM v_payouts_daily")}
+    assert set(daily) == {("o1", "a1"), ("o1", "a2"), ("o2", "a1")}
+    a1 = daily[("o1", "a1")]
+    assert (str(a1["day"]), a1["reporting_currency"]) == ("2026-03-01", "USD")
+    # P 6 (version 2) + Q 8.15 + S 4 (pending, payable); the refund K claws 5 back.
+    assert (a1["conversions"], a1["payable"], a1["held"], a1["rejected"], a1["clawbacks"], a1["fx_missing"]) \
+        == (3, 3, 0, 0, 1, 0)
+    assert (a1["gross_payout"], a1["clawed_back"], a1["net_payout"]) == (Decimal("18.15"), Decimal("-5"),
+                                                                         Decimal("13.15"))
+    a2 = daily[("o1", "a2")]
+    assert (a2["conversions"], a2["payable"], a2["held"], a2["rejected"], a2["net_payout"]) == (2, 0, 1, 1, 0)
+    gbp = daily[("o2", "a1")]
+    assert (gbp["payable"], gbp["fx_missing"], gbp["net_payout"]) == (1, 1, 0)  # 3 GBP not convertible
+
+
+def test_payout_to_margin(payouts: Any) -> None:
+    margin = {(r["offer_id"], r["affiliate_id"]): r for r in rows(payouts, "SELECT * FROM v_payout_to_margin")}
+    a1 = margin[("o1", "a1")]
+    # approved: P 108.70 - K 32.61 + Q 50 = 126.09 revenue; payouts 6 - 5 + 8.15 = 9.15. S is pending.
+    assert (a1["conversions"], a1["revenue"], a1["payout"], a1["margin"]) \
+        == (2, Decimal("126.09"), Decimal("9.15"), Decimal("116.94"))
+    assert a1["payout_to_revenue"] == pytest.approx(9.15 / 126.09)
+    assert a1["margin_rate"] == pytest.approx(116.94 / 126.09)
+    assert (a1["pending_revenue"], a1["pending_payout"], a1["fx_missing"]) == (Decimal("40"), Decimal("4"), 0)
+    a2 = margin[("o1", "a2")]
+    assert (a2["revenue"], a2["payout"], a2["margin"], a2["payout_to_revenue"]) \
+        == (Decimal("30"), Decimal("0"), Decimal("30"), 0.0)
+    gbp = margin[("o2", "a1")]
+    assert (gbp["revenue"], gbp["payout"], gbp["payout_to_revenue"], gbp["fx_missing"]) == (0, 0, None, 1)
+    by_offer = rows(payouts, "SELECT offer_id, sum(revenue) AS revenue, sum(payout) AS payout FROM v_payout_to_margin "
+                             "GROUP BY offer_id ORDER BY offer_id")
+    assert [(r["offer_id"], r["revenue"], r["payout"]) for r in by_offer] \
+        == [("o1", Decimal("156.09"), Decimal("9.15")), ("o2", Decimal("0"), Decimal("0"))]
+
+
+def test_cap_usage_by_day_and_month(payouts: Any) -> None:
+    usage = {(r["period"], r["offer_id"], r["affiliate_id"]): r for r in rows(payouts, "SELECT * FROM v_cap_usage")}
+    assert set(usage) == {(p, o, a) for p in ("day", "month") for o, a in (("o1", "a1"), ("o1", "a2"), ("o2", "a1"))}
+    for period, start in (("day", "2026-03-01"), ("month", "2026-03-01")):
+        a1 = usage[(period, "o1", "a1")]
+        assert (str(a1["period_start"]), a1["payable"], a1["payable_payout"], a1["held"], a1["rejected"]) \
+            == (start, 3, Decimal("18.15"), 0, 0)
+        a2 = usage[(period, "o1", "a2")]
+        assert (a2["payable"], a2["payable_payout"], a2["held"], a2["rejected"]) == (0, 0, 1, 1)
+        assert a2["held_by_reason"] == {"cap_daily_conversions": 1}
+        assert a2["rejected_by_reason"] == {"affiliate_cap_daily_conversions": 1}
+    offer_day = rows(payouts, "SELECT sum(payable) AS n FROM v_cap_usage WHERE period = 'day' AND offer_id = 'o1'")
+    assert offer_day == [{"n": 3}]
+
+
+def test_payout_holds(payouts: Any) -> None:
+    holds = rows(payouts, "SELECT * FROM v_payout_holds ORDER BY payout_status")
+    assert [(str(r["day"]), r["offer_id"], r["affiliate_id"], r["payout_status"], r["payout_reason"], r["conversions"],
+             r["revenue"], r["last_conversion_id"], r["sample_cap_decision"]) for r in holds] == [
+        ("2026-03-01", "o1", "a2", "hold", "cap_daily_conversions", 1, Decimal("20"), "H",
+         "over offer:o1 day 2026-03-01 2/2"),
+        ("2026-03-01", "o1", "a2", "rejected", "affiliate_cap_daily_conversions", 1, Decimal("10"), "J",
+         "over affiliate:a2@o1 day 2026-03-01 1/1"),
+    ]
+
+
+def test_commission_queries_in_the_analytics_doc(payouts: Any) -> None:
+    queries = [q for q in doc_queries() if "v_payout" in q or "v_cap_usage" in q]
+    assert len(queries) >= 3
+    for sql in queries:
+        payouts.query(sql)
+    (by_affiliate,) = [q for q in queries if "v_payouts_daily" in q and "net_payout" in q and "affiliate_id" in q]
+    result = {r["affiliate_id"]: r for r in rows(payouts, by_affiliate)}
+    assert result["a1"]["net_payout_total"] == Decimal("13.15") and result["a2"]["net_payout_total"] == 0
 
 
 # -- insert deduplication ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -176,3 +177,65 @@ def test_lifecycle_topics_hold_each_conversion_once_across_a_restart(sink: SinkH
         for rec in _lifecycle_records(kafka, topic):
             seen[(topic, rec["conversion_id"])] += 1
     assert seen == expected, sink.logs()
+
+
+def _with_payout(rec: dict, **fields) -> dict:
+    base = {"payout": Decimal("7.50"), "payout_currency": "EUR", "payout_status": "payable", "payout_reason": None,
+            "payout_rule": "offer offer-1 purchase: cpa 7.50 EUR", "reporting_currency": "USD",
+            "revenue_reporting": Decimal("10.00"), "payout_reporting": Decimal("8.15"),
+            "revenue_fx_rate": Decimal("1"), "revenue_fx_date": None, "payout_fx_rate": Decimal("1.087"),
+            "payout_fx_date": "2027-01-14", "fx_status": "ok",
+            "cap_decision": "counted offer:offer-1 day 2027-01-15 1/100"}
+    return {**rec, **base, **fields}
+
+
+def test_fx_rates_and_payout_fields(sink: SinkHarness, clickhouse: ClickHouseService) -> None:
+    import io
+    import json
+
+    import fastavro
+
+    from schemas import SCHEMA_DIR
+
+    t = sink.topics
+    sink.produce(t.conversions.name, "Conversion", _with_payout(conversion(1)), "k1")
+    sink.produce(t.conversions.name, "Conversion",  # held by a cap, payout 0
+                 _with_payout(conversion(2), payout=Decimal("0"), payout_status="hold",
+                              payout_reason="cap_daily_conversions", payout_reporting=Decimal("0")), "k2")
+    # A conversion written by a producer still on the schema before the payout fields.
+    old = fastavro.parse_schema(json.loads((SCHEMA_DIR / "history" / "Conversion.1.avsc").read_text()),
+                                named_schemas={})
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, old, conversion(3))
+    header = b"\xc3\x01" + bytes.fromhex(fastavro.schema.fingerprint(
+        fastavro.schema.to_parsing_canonical_form(old), "CRC-64-AVRO"))
+    sink.producer.produce(t.conversions.name, header + body.getvalue(), b"k3")
+    # EUR on the 14th loaded twice (a corrected file): the later load wins.
+    for day, currency, rate, loaded in (("2027-01-14", "EUR", "1.087", NOW),
+                                        ("2027-01-14", "EUR", "1.0875", NOW + 1000),
+                                        ("2027-01-15", "JPY", "0.000123456789", NOW)):
+        sink.produce(t.fx_rates.name, "FxRate", {"date": day, "currency": currency, "rate": rate,
+                                                 "reporting_currency": "USD", "loaded_at_ms": loaded},
+                     f"{currency}|{day}")
+    sink.flush()
+    sink.start("--only", "clickhouse")
+    client = _db_client(clickhouse, sink.database)
+    wait_until_rows(client, "SELECT count() FROM postback_outcomes FINAL", 3, harness=sink)
+    wait_until_rows(client, "SELECT count() FROM fx_rates FINAL", 2, harness=sink)
+    rates = client.query("SELECT date, currency, rate, reporting_currency, loaded_at FROM fx_rates FINAL "
+                         "ORDER BY currency, date").result_rows
+    assert [(str(d), c, r, rc, int(at.timestamp() * 1000)) for d, c, r, rc, at in rates] == [
+        ("2027-01-14", "EUR", Decimal("1.0875"), "USD", NOW + 1000),
+        ("2027-01-15", "JPY", Decimal("0.000123456789"), "USD", NOW),
+    ]
+    got = {r[0]: r[1:] for r in client.query(
+        "SELECT order_id, payout, payout_currency, payout_status, payout_reason, payout_rule, reporting_currency, "
+        "revenue_reporting, payout_reporting, revenue_fx_rate, revenue_fx_date, payout_fx_rate, payout_fx_date, "
+        "fx_status, cap_decision FROM conversions FINAL").result_rows}
+    assert got["O1"] == (Decimal("7.5"), "EUR", "payable", None, "offer offer-1 purchase: cpa 7.50 EUR", "USD",
+                         Decimal("10"), Decimal("8.15"), Decimal("1"), None, Decimal("1.087"),
+                         date(2027, 1, 14), "ok", "counted offer:offer-1 day 2027-01-15 1/100")
+    assert got["O2"][:4] == (Decimal("0"), "EUR", "hold", "cap_daily_conversions")
+    assert got["O3"] == (None,) * 14  # written before the payout fields existed
+    holds = client.query("SELECT payout_reason, conversions FROM v_payout_holds").result_rows
+    assert holds == [("cap_daily_conversions", 1)]

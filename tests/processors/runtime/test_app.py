@@ -26,7 +26,7 @@ def test_the_aiokafka_consumer_gets_the_short_fetch_wait(tmp_path: Path) -> None
     assert wait == FETCH_MAX_WAIT_MS and wait < 1500  # faust's own hard-coded value is 1500
 
 
-def test_create_app_assembles_the_four_agents_on_their_topics_and_the_three_tables(tmp_path: Path) -> None:
+def test_create_app_assembles_the_five_agents_on_their_topics_and_the_four_tables(tmp_path: Path) -> None:
     settings = Settings.from_env()
     app = create_app(settings, "127.0.0.1:1", PartnerConfig.empty(), ProcessOptions(), tmp_path)
     topics = Topics(settings.topic_prefix)
@@ -36,8 +36,9 @@ def test_create_app_assembles_the_four_agents_on_their_topics_and_the_three_tabl
         "processors.app.dedupe": {topics.processor_dedupe.name},
         "processors.app.attribute": {topics.processor_attribute.name},
         "processors.app.clicks": {topics.clicks.name},
+        "processors.app.commission": {topics.processor_commission.name},
     }
-    assert sorted(app.tables) == sorted(TABLES)
+    assert sorted(app.tables) == sorted(TABLES) == ["clicks", "commission", "dedupe", "pending"]
     assert sorted(table.changelog_topic.get_topic_name() for table in app.tables.values()) == \
         sorted(spec.name for spec in changelog_topics(settings, ProcessOptions()))
     assert app.conf.processing_guarantee.value == "at_least_once"
