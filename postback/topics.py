@@ -75,9 +75,9 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
                           7 * _DAY_MS)),
     ("processor_attribute", ("processor-attribute", "partition of the click_id", 6, "internal-json", False,
                              7 * _DAY_MS)),
-    # Attributed conversions on their way to the commission engine, by offer: one offer's conversions meet
-    # on one partition, which is what makes its caps exact (processors/commission.py).
-    ("processor_commission", ("processor-commission", "offer_id (else conversion_id)", 6, "internal-json", False,
+    # Conversions on their way to the commission engine, by advertiser: all conversions of its offers and
+    # orders meet on one partition, which makes caps exact and refunds find their order (processors/handlers.py).
+    ("processor_commission", ("processor-commission", "advertiser_id", 6, "internal-json", False,
                               7 * _DAY_MS)),
     # Daily FX rates into the reporting currency; the latest value per currency and day wins.
     ("fx_rates", ("fx-rates", "currency|date", 1, "FxRate", True, None)),

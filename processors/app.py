@@ -15,10 +15,10 @@ Design (see docs/architecture.md):
   join instead of faust's (broken) stream-stream join. Conversions whose click is not
   there yet wait in the `pending` table; ticks sent to every partition expire them.
 - Stage 4 `commission` gets every conversion on the internal *commission* topic, on the
-  partition of its offer, and computes the affiliate's payout (`processors.commission`)
+  partition of its advertiser, and computes the affiliate's payout (`processors.commission`)
   against the `commission` table: caps, tiers, quality holds, clawbacks and FX. All of an
-  offer's conversions meet on one partition, so a cap of N lets exactly N through however
-  many workers run. FX rates come from the fx-rates topic, which every worker reads whole
+  advertiser's conversions (so all of each of its offers', and each of its orders')
+  meet on one partition, so a cap of N lets exactly N through however many workers run. FX rates come from the fx-rates topic, which every worker reads whole
   (`processors.fx_feed`).
 
 What each agent does with an event is `processors.handlers.StageHandlers`; batches, the

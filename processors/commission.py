@@ -13,8 +13,9 @@ account's timezone.
 What is guaranteed, and why
 ===========================
 
-- **Caps are exact.** The stage that calls this is keyed by ``offer_id``, so every
-  conversion of one offer meets on one partition and ``state`` (that partition's table
+- **Caps are exact.** The stage that calls this is keyed by ``advertiser_id``, so every
+  conversion of one advertiser (of each of its offers, and of each of its orders) meets on
+  one partition and ``state`` (that partition's table
   shard) sees them one at a time. Counting, checking and incrementing a cap are
   therefore one step, with no race between workers: with a cap of N, exactly N
   conversions are payable and the rest are held or rejected.
@@ -40,9 +41,13 @@ What is guaranteed, and why
 Order of decisions
 ==================
 
-1. not attributed (``attributed`` false or no ``affiliate_id``): ``none``, ``not_attributed``;
-2. status ``rejected``: ``none``, ``status_rejected``;
-3. a refund or chargeback (``sign == -1``): the clawback (below);
+1. a refund or chargeback (``sign == -1``, status not ``rejected``): the clawback (below),
+   attributed or not: advertisers often send refunds with the order id only. Without its
+   click it takes back from the affiliate of the order's latest payment, and the record
+   takes that payment's ``affiliate_id`` (and ``offer_id`` when it has none), so the
+   reports by affiliate and offer net to zero;
+2. not attributed (``attributed`` false or no ``affiliate_id``): ``none``, ``not_attributed``;
+3. status ``rejected``: ``none``, ``status_rejected``;
 4. the rule: the affiliate's override for (offer, event), else the offer's rule for the
    event, else ``none``, ``no_payout_rule``;
 5. affiliate paused: ``hold``, ``affiliate_paused``;
@@ -75,8 +80,8 @@ Choices made here
   that reach the quality checks (held ones too), in the order they arrive; the ones
   numbered above the limit are held. A conversion keeps its number in later versions,
   and the count is never lowered.
-- **Clawback**: a refund or chargeback (``sign == -1``) of an attributed conversion
-  takes back what was paid to the same affiliate for the same order (same advertiser
+- **Clawback**: a refund or chargeback (``sign == -1``) takes back what was paid to the
+  same affiliate for the same order (same advertiser
   and ``order_id``) within the offer's ``clawback_days`` (between the two event
   times): ``payout`` is minus that sum, ``payout_status`` ``payable`` (it is money to
   settle) with reason ``clawback``. Payments taken back are removed from the order, so
@@ -117,8 +122,8 @@ Choices made here
   conversion shows 0 in its rule's currency, and ``payout_rule`` still says what the
   rule would have paid.
 
-State key layout (one offer's shard; JSON values, Decimals as strings)
-======================================================================
+State key layout (one advertiser's shard; JSON values, Decimals as strings)
+===========================================================================
 
 - ``conv:<conversion_id>``: the last decision: ``v`` version, ``rec`` the payout fields,
   ``sticky`` (held or cap-rejected), and what it counted, to undo on a new version:
@@ -197,13 +202,15 @@ class _Decision:
     reporting: Decimal | None = None
     reporting_known: bool = False
     effects: dict[str, Any] = field(default_factory=dict)
+    #: attribution fields the record takes from the order it reverses (a refund without its click)
+    adopt: dict[str, Any] = field(default_factory=dict)
 
 
 def commission(conversion: dict[str, Any], partners: PartnerConfig, state: MutableMapping[str, Any],
                fx: FxRates, now_ms: int) -> dict[str, Any]:
     """The conversion with its payout fields (see the module docstring); updates ``state``.
 
-    ``state`` holds every conversion of the conversion's offer (the caller's table shard);
+    ``state`` holds every conversion of the conversion's advertiser (the caller's table shard);
     it is only read and assigned (no value is mutated in place), so a changelogged table
     sees every change.
     """
@@ -238,7 +245,7 @@ def recompute_fx(conversion_id: str, partners: PartnerConfig, state: MutableMapp
     """The conversion's record recomputed with the rates it lacked, as the same version; or None.
 
     See "FX backfill" in the module docstring. ``state`` is the shard of the conversion's
-    offer (the commission topic's key, ``offer_id`` else ``conversion_id``). Returns the
+    advertiser (the commission topic's key). Returns the
     full Conversion record to publish (``processed_at_ms`` = ``now_ms`` of the backfill
     that recomputed it), or None when there is nothing to recompute: unknown conversion,
     last decision not ``fx_missing``, or a needed rate still missing (then ``state`` is
@@ -439,6 +446,7 @@ class _Engine:
             "revenue_fx_rate": revenue_rate, "revenue_fx_date": revenue_date,
             "payout_fx_rate": payout_rate, "payout_fx_date": payout_date,
             "fx_status": "fx_missing" if missing else "ok", "cap_decision": d.cap_decision,
+            **d.adopt,
         }
 
     # ---- the decision
@@ -448,15 +456,16 @@ class _Engine:
 
     def decide(self) -> _Decision:
         c = self.c
-        affiliate_id = c.get("affiliate_id")
-        if not c.get("attributed") or not affiliate_id:
+        affiliate_id = c.get("affiliate_id") if c.get("attributed") else None
+        offer_id = c.get("offer_id")
+        offer = self.partners.offer(offer_id) if offer_id else None
+        if int(c.get("sign") or 1) == -1 and c.get("status") != "rejected":
+            # Before attribution: advertisers send refunds with the order id, often without the click.
+            return self.clawback(offer, affiliate_id)
+        if not affiliate_id:
             return self.none("not_attributed")
         if c.get("status") == "rejected":
             return self.none("status_rejected")
-        offer_id = c.get("offer_id")
-        offer = self.partners.offer(offer_id) if offer_id else None
-        if int(c.get("sign") or 1) == -1:
-            return self.clawback(offer, affiliate_id)
         affiliate = self.partners.affiliate(affiliate_id)
         event = c.get("event")
         rule: PayoutRule | None = None
@@ -528,6 +537,7 @@ class _Engine:
             order_key = f"order:{advertiser_id}|{order_id}"
             payments = dict(self.state.get(order_key) or {})
             payments[c["conversion_id"]] = {"p": str(payout), "c": currency, "t": self.t_ms, "a": affiliate_id,
+                                            "o": offer.offer_id,
                                             "r": None if payout_reporting is None else str(payout_reporting)}
             self.state[order_key] = payments
             d.effects["order"] = order_key
@@ -620,23 +630,42 @@ class _Engine:
                 parts.append(f"{verb} {scope} {period} {label} payout {entry['p']}/{limit} {self.reporting}")
         return "; ".join(parts)
 
-    def clawback(self, offer: Offer | None, affiliate_id: str) -> _Decision:
-        """A refund or chargeback: minus what this affiliate was paid for the order within the window."""
+    def clawback(self, offer: Offer | None, affiliate_id: str | None) -> _Decision:
+        """A refund or chargeback: minus what this affiliate was paid for the order within the window.
+
+        A reversal without its click (``affiliate_id`` None) is matched by the order alone: it
+        takes back from the affiliate of the order's latest payment, and the record adopts
+        that payment's affiliate and offer (``adopt``), so reports by affiliate net to zero.
+        """
         c = self.c
         order_id, advertiser_id = c.get("order_id"), c.get("advertiser_id")
         if not order_id:
             return self.none("clawback", "clawback: no order_id, nothing to take back")
         order_key = f"order:{advertiser_id}|{order_id}"
         payments = dict(self.state.get(order_key) or {})
+        adopt: dict[str, Any] = {}
+        if affiliate_id is None and payments:
+            latest_payment = max(payments.values(), key=lambda p: int(p["t"]))
+            affiliate_id = latest_payment.get("a")
+            adopt = {"affiliate_id": affiliate_id}
+            if not c.get("offer_id") and latest_payment.get("o"):
+                adopt["offer_id"] = latest_payment["o"]
+                offer = self.partners.offer(latest_payment["o"])
+        if affiliate_id is None:
+            return self.none("not_attributed", f"reversal of order {advertiser_id}|{order_id}: no click and "
+                                               "nothing paid for the order")
         own = {cid: p for cid, p in payments.items() if p.get("a") == affiliate_id}
         days = offer.clawback_days if offer is not None else DEFAULT_CLAWBACK_DAYS
         window_ms = days * _DAY_MS
         inside = {cid: p for cid, p in own.items() if self.t_ms - int(p["t"]) <= window_ms}
         if not inside:
             if own:
-                return self.none("clawback_window_passed",
-                                 f"clawback of order {advertiser_id}|{order_id}: paid more than {days} days before")
-            return self.none("clawback", f"clawback of order {advertiser_id}|{order_id}: nothing paid")
+                d = self.none("clawback_window_passed",
+                              f"clawback of order {advertiser_id}|{order_id}: paid more than {days} days before")
+            else:
+                d = self.none("clawback", f"clawback of order {advertiser_id}|{order_id}: nothing paid")
+            d.adopt = adopt
+            return d
         latest = max(inside.values(), key=lambda p: int(p["t"]))
         currency = latest["c"]
         taken = {cid: p for cid, p in inside.items() if p["c"] == currency}
@@ -651,6 +680,7 @@ class _Engine:
             del payments[cid]
         self.state[order_key] = payments
         d.effects["claw"] = {"order": order_key, "paid": taken}
+        d.adopt = adopt
         return d
 
 

@@ -13,11 +13,11 @@ position.
   conversions without their click wait in the pending table; ticks forget clicks past the
   click horizon and expire pending entries whose wait is over.
 - `clicks` (clicks topic): fill the clicks table, attribute the conversions waiting for it.
-- `commission` (internal commission topic, envelopes, keyed by offer): every conversion the
-  stages above emit goes through it; the payout engine (`processors.commission`) runs on the
-  commission table shard of the conversion's offer. One offer's conversions all meet on one
-  partition, so its caps and tiers are counted in one place: exact, whatever the number of
-  workers. A message `{"backfill": conversion_id}` (sent by `postback fx backfill` to the
+- `commission` (internal commission topic, envelopes, keyed by advertiser): every conversion
+  the stages above emit goes through it; the payout engine (`processors.commission`) runs on
+  the commission table shard of the conversion's advertiser. One advertiser's conversions all
+  meet on one partition, so the caps and tiers of its offers, and the payments of its orders,
+  are counted in one place: exact, whatever the number of workers. A message `{"backfill": conversion_id}` (sent by `postback fx backfill` to the
   partition of the conversion's commission key) recomputes a conversion stored with
   `fx_missing` once its rates are known (`processors.commission.recompute_fx`) and emits
   it again, as the same version; nothing when it is not waiting or a rate is still missing.
@@ -53,8 +53,14 @@ BACKFILL = "backfill"
 
 
 def commission_key(conversion: dict[str, Any]) -> str:
-    """The commission topic's key: the offer (the scope of every cap and tier), else the conversion."""
-    return conversion.get("offer_id") or conversion["conversion_id"]
+    """The commission topic's key: the advertiser.
+
+    Every offer belongs to one advertiser, so every cap and tier scope (an offer, an offer
+    and affiliate) is decided on one partition; and so is every order of the advertiser,
+    so a refund that comes with the order id only (no click, no offer) meets what was
+    paid for that order. The price: one advertiser's commission decisions run on one worker.
+    """
+    return conversion["advertiser_id"]
 
 
 def to_commission(outputs: Iterable[stages.Output]) -> list[stages.Output]:
@@ -143,7 +149,7 @@ class StageHandlers:
             click, self.clicks_table, self.pending_table, self.partners, now, event_id(event)))
 
     def commission(self, event: Any, _partition: int, now: int) -> list[stages.Output]:
-        """The payout of each conversion, on its offer's partition; the final Conversion record.
+        """The payout of each conversion, on its advertiser's partition; the final Conversion record.
 
         A backfill message yields the conversion's recomputed record, or nothing (see the module docstring).
         """

@@ -14,8 +14,8 @@ processed before its currency's rate was loaded carries `fx_status = fx_missing`
 silent 0 or 1). This finds them in ClickHouse (`conversions FINAL`, the latest row of
 each) and sends one message `{"backfill": conversion_id}` per conversion to the internal
 processor-commission topic, in envelopes, on the partition of its commission key
-(`offer_id`, else `conversion_id`: `murmur2(key) % partitions`, the placement the
-processors' own publisher uses), so it reaches the worker holding that offer's commission
+(`advertiser_id`: `murmur2(key) % partitions`, the placement the
+processors' own publisher uses), so it reaches the worker holding that advertiser's commission
 table. There `processors.commission.recompute_fx` recomputes it with the rates now known
 and the processors emit a new Conversion record with the same version, which replaces the
 `fx_missing` row in ClickHouse. A conversion whose rate is still missing is left as it is
@@ -27,15 +27,18 @@ message (idempotent producer, acks=all); the records appear as the processors ge
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
-from pathlib import Path
-
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from app.endpoints import clickhouse_url, kafka_bootstrap
 from postback.config import Settings
+from postback.fx import FxRate
+
+log = logging.getLogger("postback.fx")
 
 _EPILOG = """\
 file format (CSV, UTF-8, with a header):
@@ -48,29 +51,23 @@ partner file) for 1 unit of `currency`. A conversion uses the newest rate on or 
 event date; with none it carries fx_status = fx_missing (never a silent 0 or 1)."""
 
 
-def _load(args: argparse.Namespace, settings: Settings) -> int:
+def publish_rates(bootstrap: str, prefix: str, rates: Sequence[FxRate], reporting_currency: str,
+                  timeout_s: float = 30.0) -> int:
+    """Publish `rates` to the fx-rates topic (created if missing); how many were NOT acknowledged.
+
+    Keyed `currency|date` on a compacted topic, so publishing a rate again replaces it.
+    """
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient
 
-    from postback.fx import FxFileError, parse_fx_csv
     from postback.kafka import producer_config
-    from postback.partners import PartnerConfig, load_partner_config
     from postback.topics import Topics, ensure_topics
     from schemas.codec import Codec
 
-    path = Path(args.file)
-    try:
-        rates = parse_fx_csv(path.read_text(encoding="utf-8"), str(path))
-    except (OSError, FxFileError) as exc:
-        print(f"postback fx load: {exc}", file=sys.stderr)
-        return 2
-    partners = load_partner_config(settings.config_file) if settings.config_file else PartnerConfig.empty()
-    reporting = partners.account.reporting_currency
-    bootstrap = kafka_bootstrap(settings)
-    topics = Topics(settings.topic_prefix)
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topics.fx_rates])
+    topic = Topics(prefix).fx_rates
+    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [topic])
     codec = Codec.for_record("FxRate")
-    producer = Producer(producer_config(bootstrap, delivery_timeout_s=args.timeout))
+    producer = Producer(producer_config(bootstrap, delivery_timeout_s=timeout_s))
     failed: list[str] = []
 
     def delivered(err: object, _msg: object) -> None:
@@ -80,29 +77,48 @@ def _load(args: argparse.Namespace, settings: Settings) -> int:
     now_ms = time.time_ns() // 1_000_000
     for rate in rates:
         record = {"date": rate.date, "currency": rate.currency, "rate": str(rate.rate),
-                  "reporting_currency": reporting, "loaded_at_ms": now_ms}
-        producer.produce(topics.fx_rates.name, key=f"{rate.currency}|{rate.date}".encode(),
-                         value=codec.encode(record), on_delivery=delivered)
+                  "reporting_currency": reporting_currency, "loaded_at_ms": now_ms}
+        producer.produce(topic.name, key=f"{rate.currency}|{rate.date}".encode(), value=codec.encode(record),
+                         on_delivery=delivered)
         producer.poll(0)
-    left = producer.flush(args.timeout)
-    if failed or left:
-        print(f"postback fx load: {len(failed) + left} of {len(rates)} rates were not acknowledged by Kafka "
-              f"({failed[:1] or 'timeout'}); run the command again (loading is idempotent)", file=sys.stderr)
+    left = producer.flush(timeout_s)
+    if failed:
+        log.error("FX rates not acknowledged: %s", failed[0])
+    return len(failed) + left
+
+
+def _load(args: argparse.Namespace, settings: Settings) -> int:
+    from postback.fx import FxFileError, parse_fx_csv
+    from postback.partners import PartnerConfig, load_partner_config
+    from postback.topics import Topics
+
+    path = Path(args.file)
+    try:
+        rates = parse_fx_csv(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, FxFileError) as exc:
+        print(f"postback fx load: {exc}", file=sys.stderr)
+        return 2
+    partners = load_partner_config(settings.config_file) if settings.config_file else PartnerConfig.empty()
+    reporting = partners.account.reporting_currency
+    unacked = publish_rates(kafka_bootstrap(settings), settings.topic_prefix, rates, reporting, args.timeout)
+    if unacked:
+        print(f"postback fx load: {unacked} of {len(rates)} rates were not acknowledged by Kafka; run the command "
+              "again (loading is idempotent)", file=sys.stderr)
         return 1
     currencies = sorted({r.currency for r in rates})
     days = sorted({r.date for r in rates})
     span = f"{days[0]} .. {days[-1]}" if days else "-"
-    print(f"loaded {len(rates)} FX rates to {topics.fx_rates.name}: {len(currencies)} currencies "
-          f"({', '.join(currencies)}), {span}, reporting currency {reporting}")
+    print(f"loaded {len(rates)} FX rates to {Topics(settings.topic_prefix).fx_rates.name}: {len(currencies)} "
+          f"currencies ({', '.join(currencies)}), {span}, reporting currency {reporting}")
     return 0
 
 
 _BACKFILL_EPILOG = """\
 what it does:
   1. asks ClickHouse for the conversions whose latest row has fx_status = 'fx_missing'
-     (SELECT conversion_id, offer_id FROM conversions FINAL WHERE fx_status = 'fx_missing');
+     (SELECT conversion_id, advertiser_id FROM conversions FINAL WHERE fx_status = 'fx_missing');
   2. sends one backfill message per conversion to the processor-commission topic, on the
-     partition of its offer (the worker holding that offer's caps and tiers);
+     partition of its advertiser (the worker holding the caps and tiers of its offers);
   3. the processors recompute each one whose rates are now loaded and emit it again as the
      same version, with fx_status = ok and processed_at = the time of the backfill.
 
@@ -120,7 +136,7 @@ BACKFILL_CHUNK = 10_000
 
 
 def backfill_envelopes(pairs: Sequence[tuple[str, str | None]], partitions: int) -> list[tuple[int, bytes]]:
-    """(conversion_id, offer_id) pairs -> [(partition, envelope)] of backfill messages for the commission topic.
+    """(conversion_id, advertiser_id) pairs -> [(partition, envelope)] of backfill messages for the commission topic.
 
     Each message goes where the processors put the conversion itself: the partition of its
     commission key (`processors.handlers.commission_key`) by Java's murmur2.
@@ -131,14 +147,14 @@ def backfill_envelopes(pairs: Sequence[tuple[str, str | None]], partitions: int)
     from processors.runtime.publish import encode_envelopes
     from processors.stages import encode_internal
 
-    items = [(murmur2(commission_key({"offer_id": offer_id, "conversion_id": cid}).encode(), partitions),
-              encode_internal({BACKFILL: cid})) for cid, offer_id in pairs]
+    items = [(murmur2(commission_key({"advertiser_id": advertiser_id, "conversion_id": cid}).encode(), partitions),
+              encode_internal({BACKFILL: cid})) for cid, advertiser_id in pairs]
     return encode_envelopes(items)
 
 
 def publish_backfill(bootstrap: str, topic: str, pairs: Sequence[tuple[str, str | None]], timeout_s: float = 30.0,
                      progress: Callable[[str], Any] = print) -> int:
-    """Send a backfill message for every (conversion_id, offer_id) to the commission `topic`.
+    """Send a backfill message for every (conversion_id, advertiser_id) to the commission `topic`.
 
     Returns how many Kafka did not acknowledge (0: all sent). Raises RuntimeError when the
     topic does not exist (the processors' topics are created by `postback process`).
@@ -173,15 +189,15 @@ def publish_backfill(bootstrap: str, topic: str, pairs: Sequence[tuple[str, str 
 
 
 def _waiting_for_a_rate(settings: Settings, database: str, limit: int | None) -> list[tuple[str, str | None]]:
-    """(conversion_id, offer_id) of the conversions whose latest row is fx_missing, from ClickHouse."""
+    """(conversion_id, advertiser_id) of the conversions whose latest row is fx_missing, from ClickHouse."""
     from postback.clickhouse import client_factory
 
-    sql = ("SELECT conversion_id, offer_id FROM conversions FINAL WHERE fx_status = 'fx_missing' "
+    sql = ("SELECT conversion_id, advertiser_id FROM conversions FINAL WHERE fx_status = 'fx_missing' "
            "ORDER BY conversion_id")
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     client = client_factory(clickhouse_url(settings), database)()
-    return [(str(cid), None if offer is None else str(offer)) for cid, offer in client.query(sql).result_rows]
+    return [(str(cid), str(advertiser)) for cid, advertiser in client.query(sql).result_rows]
 
 
 def _backfill(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,8 +8,16 @@ pending orders that are approved later. Like real partners it also misbehaves a 
 it retries requests, re-sends orders, signs with the wrong key, loses click IDs, and
 delivers some clicks only after their conversion (bulk import). It then waits until
 every postback the ingester accepted (202) has an outcome in ClickHouse and prints a
-summary for marketers: revenue by affiliate and offer, match rate, dedupe rate,
-rejection reasons and latency.
+summary for marketers: revenue by affiliate and offer, payout and margin by affiliate
+and offer in the reporting currency, payout-to-revenue, what was held and why, cap
+usage, match rate, dedupe rate, rejection reasons and latency.
+
+The partner file pays affiliates by rule (deploy/demo-partners.toml: cpa, revshare,
+cpa_plus_revshare with a tier, a daily cap, a paused affiliate, a minimum
+click-to-conversion time), and the plan starts with scenario journeys whose payouts
+are known in advance (`app.demo.plan.payout_facts`): the verdict checks them. Before
+sending, the demo publishes the FX rates of deploy/demo-fx-rates.csv the way `postback
+fx load` does, so that EUR and GBP convert to the reporting currency.
 
 Why it is built this way:
 
@@ -39,25 +47,75 @@ import argparse
 import asyncio
 import random
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from app.demo.plan import build_plan
+from app.demo.plan import build_plan, payout_facts
 from app.demo.report import DemoReport, collect_report, format_report, verdict, wait_for_outcomes
 from app.demo.send import ProgressBar, submit_plan
 from postback.config import Settings
+from postback.fx import FxRates
 from postback.partners import load_partner_config
 
 #: The partner file used when POSTBACK_CONFIG is not set (the one `postback run` uses too).
 DEMO_PARTNERS = Path(__file__).resolve().parents[2] / "deploy" / "demo-partners.toml"
+#: The demo's FX rates (units of USD per unit), loaded before the traffic is sent.
+DEMO_FX_RATES = Path(__file__).resolve().parents[2] / "deploy" / "demo-fx-rates.csv"
+#: The currency DEMO_FX_RATES converts to: loaded only for a partner file reporting in it.
+DEMO_FX_REPORTING = "USD"
 
 
 # --------------------------------------------------------------------------- command
 
 
+def _q(name: str) -> str:
+    from sinks.migrations import quote_identifier
+
+    return quote_identifier(name)
+
+
 def partner_file(settings: Settings) -> Path:
     """POSTBACK_CONFIG when set (what the processors load too), else deploy/demo-partners.toml."""
     return settings.config_file or DEMO_PARTNERS
+
+
+def load_fx_rates(settings: Settings, config_file: Path, path: Path, client: Any, database: str,
+                  say: Callable[[str], None], wait_s: float = 15.0) -> FxRates | None:
+    """Publish the rates of `path` as `postback fx load` does; wait until the sink stored them; the rates.
+
+    The processors read the fx-rates topic at start-up and follow it, so rates published
+    now reach them before this run's conversions; ClickHouse having them too is the
+    sign that the topic was read. None when nothing was loaded.
+    """
+    from app.commands.fx import publish_rates
+    from app.endpoints import kafka_bootstrap
+    from postback.fx import parse_fx_csv
+
+    rates = parse_fx_csv(path.read_text(encoding="utf-8"), str(path))
+    started_ms = time.time_ns() // 1_000_000
+    reporting = load_partner_config(config_file).account.reporting_currency
+    if publish_rates(kafka_bootstrap(settings), settings.topic_prefix, rates, reporting) != 0:
+        raise RuntimeError(f"could not load the demo's FX rates from {path}: Kafka did not acknowledge them")
+    say(f"  loaded {len(rates)} FX rates ({', '.join(sorted({r.currency for r in rates}))} to {reporting})")
+    fx = FxRates()
+    for rate in rates:
+        fx.add(rate)
+    db = _q(database)
+    if int(client.command(f"EXISTS TABLE {db}.fx_rates")) != 1:
+        say("  (ClickHouse has no fx_rates table yet: not waiting for the rates to arrive)")
+        return fx
+    deadline = time.monotonic() + wait_s
+    while True:
+        stored = int(client.command(f"SELECT count() FROM {db}.fx_rates FINAL "
+                                    f"WHERE toUnixTimestamp64Milli(loaded_at) >= {started_ms}"))
+        if stored >= len(rates) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if stored < len(rates):
+        say(f"  only {stored} of {len(rates)} FX rates reached ClickHouse after {wait_s:g}s; sending anyway")
+    return fx
 
 
 def _preflight(base_url: str) -> None:
@@ -81,7 +139,6 @@ def run_demo(settings: Settings, base_url: str, clicks: int, rate: float, databa
 
     from app.endpoints import clickhouse_url
     from postback.clickhouse import client_factory
-    from sinks.migrations import quote_identifier as _q
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -98,6 +155,12 @@ def run_demo(settings: Settings, base_url: str, clicks: int, rate: float, databa
         raise RuntimeError(f"ClickHouse database {database!r} has no postback_outcomes table: start `postback "
                            "sink` (it creates the schema), or pass --database")
     _preflight(base_url)
+    fx: FxRates | None = None
+    if config.account.reporting_currency == DEMO_FX_REPORTING:
+        fx = load_fx_rates(settings, path, DEMO_FX_RATES, client, database, say)
+    else:
+        say(f"  FX: {DEMO_FX_RATES.name} converts to {DEMO_FX_REPORTING}, not to the partner file's "
+            f"{config.account.reporting_currency}: not loaded (load yours with `postback fx load`)")
 
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 10**6)
     plan = build_plan(config, clicks, seed, str(ULID()))
@@ -113,7 +176,7 @@ def run_demo(settings: Settings, base_url: str, clicks: int, rate: float, databa
         f"ClickHouse ({url.split('@')[-1]}, database {database})")
     found = wait_for_outcomes(client, database, receipts, timeout_s, ProgressBar("outcomes ", len(receipts), err)) \
         if receipts else 0
-    report = collect_report(client, database, submission, found, timeout_s)
+    report = collect_report(client, database, submission, found, timeout_s, payout_facts(plan, config), fx)
     ok, message = verdict(report)
     print(format_report(report), file=out)
     print("", file=out)
@@ -136,12 +199,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             "`postback sink` running): affiliate clicks, then signed postbacks (purchases, leads, trials and "
             "renewals, refunds, pending->approved orders) with the usual partner mistakes (retries, repeated "
             "orders, bad signatures, lost click ids, late clicks). Then wait until every accepted postback has "
-            "an outcome in ClickHouse and print revenue by affiliate and offer, match rate, dedupe rate, "
-            "rejection reasons and latency. Postbacks are signed with the secrets of the partner file "
+            "an outcome in ClickHouse and print revenue by affiliate and offer, payout and margin by affiliate "
+            "and offer in the reporting currency, payout-to-revenue, held payouts and why, cap usage, match "
+            "rate, dedupe rate, rejection reasons and latency. The demo first loads the FX rates of "
+            "deploy/demo-fx-rates.csv (as `postback fx load` does). Postbacks are signed with the secrets of "
+            "the partner file "
             "$POSTBACK_CONFIG, else deploy/demo-partners.toml: it MUST be the same file the running ingester "
             "and processors loaded (`postback run` uses deploy/demo-partners.toml by default), or every "
-            "postback is rejected. Exit 0 when every accepted postback has an outcome and attributed revenue "
-            "is positive, else 1."),
+            "postback is rejected. Exit 0 when every accepted postback has an outcome, attributed revenue "
+            "is positive and the payouts of the planned scenarios (cap, paused affiliate, too-fast "
+            "conversion, clawback) are as the partner file says, else 1."),
     )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="ingester base URL (default %(default)s)")
     p.add_argument("--clicks", type=int, default=300, help="affiliate clicks to simulate (default %(default)s)")

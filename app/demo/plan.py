@@ -3,6 +3,14 @@
 Computed up front from a seed and the partner file (`build_plan`, pure and
 deterministic), so a run can be replayed and the mix is unit-tested without a network.
 Nothing here is signed or sent: see `app.demo.send`.
+
+Besides the random mix, every plan starts with a few *scenario* journeys that exercise
+the commission engine in ways whose outcome is known in advance from the partner file
+alone (`payout_facts`): more first purchases on the capped offer than its daily cap, a
+purchase from the paused affiliate, a purchase sent right after its click on the offer
+with a minimum click-to-conversion time, and a purchase refunded after it was paid.
+The random journeys on an offer with such a minimum wait longer than it before their
+first postback, so that only the planned one is too fast.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from datetime import date
 from decimal import Decimal
 from typing import Any, Literal, TypeAlias
 
-from postback.partners import Advertiser, PartnerConfig
+from postback.fx import round_money
+from postback.partners import Advertiser, Offer, PartnerConfig
 
 
 Transport: TypeAlias = Literal["query", "json", "token"]
@@ -94,6 +103,7 @@ class PostbackStep:
     delay_s: float = 0.0
     expect: Outcome = "accepted"
     expect_reason: str = ""
+    event_at_click: bool = False        # send `event_time` = when the click was sent (a too-fast conversion)
 
 
 Step: TypeAlias = ClickStep | PostbackStep
@@ -112,6 +122,7 @@ class Journey:
     user_agent: str
     steps: tuple[Step, ...]
     late_click_id: str | None = None    # set when the click is bulk-imported after a postback
+    scenario: str = ""                  # "" (random traffic), or one of SCENARIOS
 
     @property
     def postbacks(self) -> tuple[PostbackStep, ...]:
@@ -339,6 +350,202 @@ class _Builder:
             groups.append(group)
         return groups
 
+# --------------------------------------------------------------------------- payout scenarios
+#: The scenario journeys, in the order a plan starts with them.
+SCENARIOS = ("clawback", "too_fast", "paused", "cap")
+#: Capped-offer scenario purchases beyond the cap (so the cap is always exceeded).
+CAP_EXCESS = 2
+#: Seconds that a random journey on an offer with `min_click_to_conversion_s` waits beyond it.
+QUALITY_MARGIN_S = (1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class PayoutExpectation:
+    """What the commission engine must decide for one planned conversion: known from the partner file alone."""
+
+    label: str
+    advertiser_id: str
+    order_id: str
+    event: str
+    payout_status: str
+    payout_reason: str | None
+    payout: Decimal | None = None          # in payout_currency; None: not checked
+    payout_currency: str | None = None
+    refund_of: str | None = None           # a clawback: minus what the purchase of this order was paid
+
+
+@dataclass(frozen=True)
+class CapExpectation:
+    """A daily conversions cap that this run's traffic reaches."""
+
+    offer_id: str
+    limit: int
+    exact: bool                            # the plan alone brings at least `limit` payable conversions
+    payout_each: Decimal | None = None     # every payable one pays this (reporting currency), when fixed
+
+
+@dataclass(frozen=True)
+class PayoutFacts:
+    """The payout facts a demo run can be checked against, computed from the plan and the partner file."""
+
+    reporting_currency: str
+    timezone: str
+    conversions: tuple[PayoutExpectation, ...] = ()
+    caps: tuple[CapExpectation, ...] = ()
+    paused_affiliates: tuple[str, ...] = ()
+    capped_offers: tuple[tuple[str, int], ...] = ()   # (offer_id, daily conversions limit) of every capped offer
+
+
+def planned_payout(config: PartnerConfig, offer_id: str, affiliate_id: str, event: str, amount: str | None,
+                   currency: str | None) -> tuple[Decimal, str] | None:
+    """What the payout rule pays for one conversion, or None when it depends on history (tiers) or has no rule.
+
+    The affiliate's override wins over the offer's rule; revshare pays `percent` of the
+    revenue in the revenue's currency; the result is rounded half-even to the currency's
+    minor unit.
+    """
+    offer = config.offer(offer_id)
+    if offer is None:
+        return None
+    affiliate = config.affiliate(affiliate_id)
+    rule = (affiliate.payouts.get(offer_id, {}).get(event) if affiliate else None) or offer.payouts.get(event)
+    if rule is None or rule.tiers:
+        return None
+    share = rule.percent / 100 * Decimal(amount) if rule.percent is not None and amount is not None else None
+    if rule.kind == "cpa" and rule.amount is not None and rule.currency:
+        return round_money(rule.amount, rule.currency), rule.currency
+    if rule.kind == "revshare" and share is not None and currency:
+        return round_money(share, currency), currency
+    if rule.kind == "cpa_plus_revshare" and share is not None and rule.amount is not None \
+            and rule.currency == currency:
+        return round_money(rule.amount + share, currency), currency
+    return None
+
+
+def _paused(config: PartnerConfig) -> list[str]:
+    return [a for a, _ in AFFILIATES if (aff := config.affiliate(a)) is not None and aff.status == "paused"]
+
+
+def _active(config: PartnerConfig) -> list[str]:
+    paused = set(_paused(config))
+    return [a for a, _ in AFFILIATES if a not in paused]
+
+
+def _min_wait_s(offer: Offer) -> int | None:
+    return offer.quality.min_click_to_conversion_s if offer.quality else None
+
+
+def _scenario_offers(config: PartnerConfig) -> dict[str, Offer]:
+    """The offer each scenario runs on (a scenario without a suitable offer is left out)."""
+    offers = sorted((o for o in config.offers.values() if config.advertiser(o.advertiser_id) is not None
+                     and "purchase" in o.payouts), key=lambda o: o.offer_id)
+    plain = [o for o in offers if not o.caps and not o.affiliate_caps and not o.quality
+             and not o.payouts["purchase"].tiers]
+    chosen: dict[str, Offer] = {}
+    clawback = next((o for o in plain if o.payouts["purchase"].kind == "revshare"), plain[0] if plain else None)
+    if clawback is not None:
+        chosen["clawback"] = chosen["paused"] = clawback
+    fast = next((o for o in offers if _min_wait_s(o)), None)
+    if fast is not None:
+        chosen["too_fast"] = fast
+    cap = next((o for o in offers if o.caps and o.caps.daily_conversions and not o.affiliate_caps
+                and not _min_wait_s(o)), None)
+    if cap is not None:
+        chosen["cap"] = cap
+    if not _paused(config):
+        chosen.pop("paused", None)
+    return chosen
+
+
+def _scenario_journeys(config: PartnerConfig, builder: _Builder) -> list[Journey]:
+    """The scenario journeys: each a redirect click and one or two plain postbacks (no partner mistakes)."""
+    rng = builder.rng
+    offers = _scenario_offers(config)
+    active = _active(config)
+    journeys: list[Journey] = []
+
+    def journey(kind: str, offer: Offer, affiliate: str, amount: str, currency: str, *, refund: bool = False,
+                fast: bool = False) -> None:
+        adv = config.advertisers[offer.advertiser_id]
+        auth = builder.auth(adv)
+        index = len(journeys)
+        customer = f"U-{builder.run_tag}-S{index:05d}"
+        order = builder.order_id(adv.advertiser_id, {"clawback": "CLAW", "too_fast": "FAST", "paused": "PAUSE",
+                                                     "cap": "CAP"}[kind])
+        min_s = _min_wait_s(offer)
+        wait = 0.0 if fast else rng.uniform(0.0, 0.5) + (min_s + rng.uniform(*QUALITY_MARGIN_S) if min_s else 0.0)
+        steps: list[Step] = [ClickStep("redirect")]
+        steps.append(replace(builder.postback(adv, auth, "purchase", with_click_id=True, order_id=order,
+                                              amount=amount, currency=currency, customer_id=customer,
+                                              delay_s=wait), event_at_click=fast))
+        if refund:  # well after the purchase was decided, so that its payout is there to claw back
+            steps.append(builder.postback(adv, auth, "refund", with_click_id=True, order_id=order, amount=amount,
+                                          currency=currency, customer_id=customer, delay_s=rng.uniform(2.0, 3.0)))
+        journeys.append(Journey(
+            index=index, offer_id=offer.offer_id, advertiser_id=adv.advertiser_id, affiliate_id=affiliate,
+            campaign_id=f"{affiliate.removeprefix('aff-')}-{rng.choice(_CAMPAIGNS)}",
+            subs=(rng.choice(_PLACEMENTS), rng.choice(_DEVICES)), user_agent=rng.choice(_USER_AGENTS),
+            steps=tuple(steps), scenario=kind))
+
+    foreign = next((c for c, _ in _CURRENCIES if c != config.account.reporting_currency), "EUR")
+    reporting = config.account.reporting_currency
+    if "clawback" in offers and active:
+        journey("clawback", offers["clawback"], active[1 % len(active)], _money(rng, 40, 240), foreign, refund=True)
+    if "too_fast" in offers and active:
+        journey("too_fast", offers["too_fast"], active[2 % len(active)], _money(rng, 15, 250), reporting, fast=True)
+    if "paused" in offers:
+        journey("paused", offers["paused"], _paused(config)[0], _money(rng, 15, 250), reporting)
+    if "cap" in offers and active:
+        cap = offers["cap"].caps.daily_conversions or 0  # type: ignore[union-attr]
+        for n in range(cap + CAP_EXCESS):
+            journey("cap", offers["cap"], active[n % len(active)], _money(rng, 4.99, 99.99), reporting)
+    return journeys
+
+
+def payout_facts(plan: TrafficPlan, config: PartnerConfig) -> PayoutFacts:
+    """What the commission engine must make of this plan's scenario journeys, from the partner file alone.
+
+    Independent of the engine: the payouts are computed here from the rules
+    (`planned_payout`), the decisions from what each scenario was built to trigger.
+    """
+    expected: list[PayoutExpectation] = []
+    capped = 0
+    cap_offer: Offer | None = None
+    for journey in plan.journeys:
+        if not journey.scenario:
+            continue
+        for step in journey.postbacks:
+            order = step.order_id or ""
+            label = f"{journey.scenario} {journey.offer_id} {journey.affiliate_id} {order}"
+            paid = planned_payout(config, journey.offer_id, journey.affiliate_id, "purchase", step.amount,
+                                  step.currency)
+            if journey.scenario == "cap":
+                capped += 1
+                cap_offer = config.offer(journey.offer_id)
+            elif step.event == "refund":
+                expected.append(PayoutExpectation(
+                    f"{label} refund", step.advertiser_id, order, "refund", "payable", "clawback",
+                    -paid[0] if paid else None, paid[1] if paid else None, refund_of=order))
+            elif journey.scenario == "clawback":
+                expected.append(PayoutExpectation(label, step.advertiser_id, order, "purchase", "payable", None,
+                                                  paid[0] if paid else None, paid[1] if paid else None))
+            else:
+                reason = "too_fast" if journey.scenario == "too_fast" else "affiliate_paused"
+                expected.append(PayoutExpectation(label, step.advertiser_id, order, "purchase", "hold", reason,
+                                                  Decimal(0) if paid else None, paid[1] if paid else None))
+    caps: list[CapExpectation] = []
+    if cap_offer is not None and cap_offer.caps and cap_offer.caps.daily_conversions:
+        rule = cap_offer.payouts["purchase"]
+        each = rule.amount if rule.kind == "cpa" and not rule.tiers and rule.currency == \
+            config.account.reporting_currency and not any(cap_offer.offer_id in a.payouts
+                                                          for a in config.affiliates.values()) else None
+        limit = cap_offer.caps.daily_conversions
+        caps.append(CapExpectation(cap_offer.offer_id, limit, capped >= limit, each))
+    capped_offers = tuple(sorted((o.offer_id, o.caps.daily_conversions) for o in config.offers.values()
+                                 if o.caps and o.caps.daily_conversions))
+    return PayoutFacts(config.account.reporting_currency, config.account.timezone, tuple(expected), tuple(caps),
+                       tuple(_paused(config)), capped_offers)
+
 
 def build_plan(config: PartnerConfig, clicks: int, seed: int, run_id: str) -> TrafficPlan:
     """The traffic of one demo run: `clicks` journeys over the partner file's offers.
@@ -356,8 +563,8 @@ def build_plan(config: PartnerConfig, clicks: int, seed: int, run_id: str) -> Tr
 
     rng = random.Random(seed)
     builder = _Builder(rng, run_id[-6:].upper(), ULID.from_str(run_id).datetime.date())
-    journeys: list[Journey] = []
-    for index in range(clicks):
+    journeys: list[Journey] = _scenario_journeys(config, builder)[:clicks]
+    for index in range(len(journeys), clicks):
         offer = rng.choice(offers)
         adv = config.advertisers[offer.advertiser_id]
         affiliate = _weighted(rng, AFFILIATES)
@@ -377,7 +584,10 @@ def build_plan(config: PartnerConfig, clicks: int, seed: int, run_id: str) -> Tr
             steps.append(ClickStep("redirect"))
             if groups:
                 head = groups[0]
-                steps.append(replace(head[0], delay_s=rng.uniform(0.0, 0.5)))
+                wait = rng.uniform(0.0, 0.5)
+                if _min_wait_s(offer):  # a shopper, not a bot: later than the offer's minimum after the click
+                    wait += (_min_wait_s(offer) or 0) + rng.uniform(*QUALITY_MARGIN_S)
+                steps.append(replace(head[0], delay_s=wait))
                 steps.extend(head[1:] + rest)
         journeys.append(Journey(
             index=index, offer_id=offer.offer_id, advertiser_id=adv.advertiser_id, affiliate_id=affiliate,

@@ -3,6 +3,13 @@
 `wait_for_outcomes` polls until every accepted postback has its outcome row,
 `collect_report` reads this run's rows into a `DemoReport`, and `format_report` and
 `verdict` are pure functions of it (tested on fixed rows).
+
+The payout part reads the commission columns through the `v_payouts` view (one row per
+conversion, so it can be limited to this run's conversions), in the account's reporting
+currency. Cap usage is counted by the account timezone's day, as the engine counts it,
+over every run of that day (a cap is shared by all of them). `payout_checks` compares
+what the engine decided with what the plan and the partner file imply
+(`app.demo.plan.payout_facts`), computed without the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from app.demo.plan import PayoutFacts
 from app.demo.send import ProgressBar, Submission
+from postback.fx import FxRates, round_money
 
 
 # --------------------------------------------------------------------------- ClickHouse
@@ -81,6 +90,71 @@ class Quantiles:
 
 
 @dataclass(frozen=True)
+class PayoutRow:
+    """This run's payout decisions for one (affiliate, offer), in the reporting currency (v_payouts)."""
+
+    affiliate_id: str          # '' when not attributed
+    offer_id: str
+    conversions: int           # approved, sign > 0
+    revenue: Decimal           # net approved revenue (refunds subtract)
+    payout: Decimal            # net payout of the same rows (clawbacks subtract)
+    pending_payout: Decimal    # payable already for pending conversions
+    payable: int               # sign > 0, payout_status payable (pending included)
+    held: int
+    rejected: int
+    fx_missing: int = 0
+
+    @property
+    def margin(self) -> Decimal:
+        return self.revenue - self.payout
+
+
+@dataclass(frozen=True)
+class HoldRow:
+    """This run's conversions held or rejected for one reason."""
+
+    payout_status: str         # hold | rejected
+    reason: str
+    conversions: int
+    revenue: Decimal           # their net revenue, reporting currency (approved only)
+
+
+@dataclass(frozen=True)
+class CapRow:
+    """Usage of one offer's daily conversions cap on one day of the account timezone (all runs that day)."""
+
+    offer_id: str
+    day: str
+    limit: int
+    payable: int
+    payout: Decimal
+    held_by_cap: int
+    this_run: int              # this run's conversions of the offer that day
+
+
+@dataclass(frozen=True)
+class ScenarioRow:
+    """What the engine decided for one scenario conversion (read by order id)."""
+
+    advertiser_id: str
+    order_id: str
+    event: str
+    payout_status: str
+    payout_reason: str
+    payout: Decimal | None
+    payout_currency: str
+    payout_reporting: Decimal | None
+    day: str                   # account-timezone day of the conversion
+
+
+@dataclass(frozen=True)
+class PayoutCheck:
+    label: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class DemoReport:
     """Everything the summary shows: plain data, so formatting is a pure, tested function."""
 
@@ -101,6 +175,11 @@ class DemoReport:
     answers: tuple[tuple[str, int], ...] = ()            # ("GET /click 302", n): every HTTP answer seen
     skipped: int = 0
     timeout_s: float = 0.0
+    reporting_currency: str = ""
+    payouts: tuple[PayoutRow, ...] = ()
+    holds: tuple[HoldRow, ...] = ()
+    caps: tuple[CapRow, ...] = ()
+    checks: tuple[PayoutCheck, ...] = ()
 
 
 def _quantiles(row: tuple[Any, ...]) -> Quantiles | None:
@@ -112,8 +191,159 @@ def _quantiles(row: tuple[Any, ...]) -> Quantiles | None:
                      else None)
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _dec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+def collect_payouts(client: Any, database: str, run_conversions: str, facts: PayoutFacts,
+                    fx: FxRates | None = None) -> dict[str, Any]:
+    """The payout part of the report: this run's payouts, holds, cap usage, and the checks of `facts`."""
+    db = _q(database)
+    tz = _literal(facts.timezone)
+    zero = "toDecimal64(0, 6)"
+    rows = _ch_rows(client, f"""
+        SELECT ifNull(affiliate_id, '') AS aff, ifNull(offer_id, '') AS off,
+               countIf(status = 'approved' AND sign > 0) AS conv_n,
+               sumIf(ifNull(signed_revenue_reporting, {zero}), status = 'approved') AS revenue_total,
+               sumIf(ifNull(payout_reporting, {zero}), status = 'approved') AS payout_total,
+               sumIf(ifNull(payout_reporting, {zero}), status = 'pending') AS pending_total,
+               countIf(payout_status = 'payable' AND sign > 0) AS payable_n,
+               countIf(payout_status = 'hold') AS held_n, countIf(payout_status = 'rejected') AS rejected_n,
+               countIf(fx_status = 'fx_missing') AS fx_missing_n
+        FROM {db}.v_payouts WHERE {run_conversions}
+        GROUP BY aff, off ORDER BY aff, off""")
+    holds = _ch_rows(client, f"""
+        SELECT payout_status, ifNull(payout_reason, '') AS reason, count() AS n,
+               sumIf(ifNull(signed_revenue_reporting, {zero}), status = 'approved') AS revenue_total
+        FROM {db}.v_payouts WHERE {run_conversions} AND payout_status IN ('hold', 'rejected')
+        GROUP BY payout_status, reason ORDER BY n DESC, payout_status, reason""")
+    caps: list[CapRow] = []
+    for offer_id, limit in facts.capped_offers:
+        offer = _literal(offer_id)
+        local_day = f"toString(toDate(reported_at, {tz}))"
+        for day, payable, payout, held, this_run in _ch_rows(client, f"""
+                SELECT {local_day} AS d, countIf(payout_status = 'payable' AND sign > 0),
+                       sumIf(ifNull(payout_reporting, {zero}), payout_status = 'payable' AND sign > 0),
+                       countIf(payout_reason IN ('cap_daily_conversions', 'cap_monthly_conversions',
+                                                 'cap_daily_payout', 'cap_monthly_payout')),
+                       countIf({run_conversions})
+                FROM {db}.v_payouts
+                WHERE offer_id = {offer} AND {local_day} IN
+                      (SELECT {local_day} FROM {db}.v_payouts WHERE offer_id = {offer} AND {run_conversions})
+                GROUP BY d ORDER BY d"""):
+            caps.append(CapRow(offer_id, str(day), int(limit), int(payable), Decimal(payout), int(held),
+                               int(this_run)))
+    scenario: list[ScenarioRow] = []
+    orders = sorted({e.order_id for e in facts.conversions})
+    if orders:
+        for adv, order, event, status, reason, payout, cur, reporting, day in _ch_rows(client, f"""
+                SELECT advertiser_id, ifNull(order_id, ''), event, ifNull(payout_status, ''),
+                       ifNull(payout_reason, ''), payout, ifNull(payout_currency, ''), payout_reporting,
+                       toString(toDate(reported_at, {tz}))
+                FROM {db}.v_payouts
+                WHERE {run_conversions} AND order_id IN ({', '.join(_literal(o) for o in orders)})"""):
+            scenario.append(ScenarioRow(str(adv), str(order), str(event), str(status), str(reason), _dec(payout),
+                                        str(cur), _dec(reporting), str(day)))
+    paused: dict[str, tuple[int, int, int]] = {}
+    for affiliate in facts.paused_affiliates:
+        n, payable, held = _ch_rows(client, f"""
+            SELECT countIf(sign > 0), countIf(payout_status = 'payable' AND sign > 0),
+                   countIf(payout_status = 'hold' AND payout_reason = 'affiliate_paused')
+            FROM {db}.v_payouts WHERE {run_conversions} AND affiliate_id = {_literal(affiliate)}""")[0]
+        paused[affiliate] = (int(n), int(payable), int(held))
+    return {
+        "reporting_currency": facts.reporting_currency,
+        "payouts": tuple(PayoutRow(str(a), str(o), int(c), Decimal(r), Decimal(p), Decimal(pp), int(pn), int(h),
+                                   int(rj), int(fm)) for a, o, c, r, p, pp, pn, h, rj, fm in rows),
+        "holds": tuple(HoldRow(str(s), str(r), int(n), Decimal(v)) for s, r, n, v in holds),
+        "caps": tuple(caps),
+        "checks": payout_checks(facts, scenario, tuple(caps), paused, fx),
+    }
+
+
+def payout_checks(facts: PayoutFacts, rows: Sequence[ScenarioRow], caps: Sequence[CapRow],
+                  paused: dict[str, tuple[int, int, int]], fx: FxRates | None = None) -> tuple[PayoutCheck, ...]:
+    """Compare the engine's decisions with the facts the plan and the partner file imply (to the cent).
+
+    - each scenario conversion: its payout status, reason and payout (the clawback: minus
+      the purchase's payout, in the payout currency and, in the reporting currency, minus
+      what the purchase was worth; the purchase's reporting amount is checked against
+      the loaded rate of its day when `fx` is given);
+    - the capped offer: on the busiest day of this run exactly `limit` payable
+      conversions (never more on any day), paying `limit * amount` for a fixed cpa;
+    - the paused affiliates: none of their conversions payable, all held `affiliate_paused`.
+    """
+    out: list[PayoutCheck] = []
+    found = {(r.advertiser_id, r.order_id, r.event): r for r in rows}
+    reporting = facts.reporting_currency
+    for e in facts.conversions:
+        row = found.get((e.advertiser_id, e.order_id, e.event))
+        if row is None:
+            out.append(PayoutCheck(e.label, False, "no payout decision in ClickHouse"))
+            continue
+        want = f"{e.payout_status}" + (f" {e.payout_reason}" if e.payout_reason else "")
+        seen = f"{row.payout_status}" + (f" {row.payout_reason}" if row.payout_reason else "")
+        problems: list[str] = []
+        if want != seen:
+            problems.append(f"{seen}, expected {want}")
+        if e.payout is not None and (row.payout is None or row.payout != e.payout
+                                     or (e.payout != 0 and row.payout_currency != e.payout_currency)):
+            problems.append(f"payout {row.payout} {row.payout_currency}, expected {e.payout:.2f} {e.payout_currency}")
+        money = f"{_amount(row.payout)} {row.payout_currency}" if row.payout is not None else "no payout"
+        if e.refund_of is not None:
+            paid = found.get((e.advertiser_id, e.refund_of, "purchase"))
+            if paid is None or paid.payout_reporting is None or row.payout_reporting is None \
+                    or row.payout_reporting != -paid.payout_reporting:
+                problems.append(f"clawback {row.payout_reporting} {reporting} does not undo the purchase's "
+                                f"{paid.payout_reporting if paid else None} {reporting}")
+            else:
+                money += f" = {_amount(row.payout_reporting)} {reporting}"
+        elif e.payout and row.payout is not None and e.payout_currency and fx is not None:
+            rate = Decimal(1) if e.payout_currency == reporting else \
+                getattr(fx.lookup(e.payout_currency, row.day), "rate", None)
+            expected = round_money(e.payout * rate, reporting) if rate is not None else None
+            if expected is None or row.payout_reporting != expected:
+                problems.append(f"{row.payout_reporting} {reporting}, expected {expected} {reporting} "
+                                f"(rate {rate} of {row.day})")
+            else:
+                money += f" = {_amount(expected)} {reporting}"
+        out.append(PayoutCheck(e.label, not problems, "; ".join(problems) or f"{seen}, {money}"))
+    for cap in facts.caps:
+        days = [c for c in caps if c.offer_id == cap.offer_id and c.this_run]
+        busiest = max(days, key=lambda c: (c.this_run, c.day), default=None)
+        label = f"cap {cap.offer_id} daily_conversions {cap.limit}"
+        problems = []
+        over = [c for c in days if c.payable > cap.limit]
+        if over:
+            problems.append(", ".join(f"{c.day}: {c.payable} payable" for c in over) + f", above the cap {cap.limit}")
+        if busiest is None:
+            problems.append("no conversions of the offer in ClickHouse")
+        elif cap.exact and busiest.payable != cap.limit:
+            problems.append(f"{busiest.day}: {busiest.payable} payable, expected exactly {cap.limit}")
+        if busiest is not None and cap.exact and cap.payout_each is not None \
+                and busiest.payout != cap.payout_each * cap.limit:
+            problems.append(f"{busiest.day}: paid {busiest.payout} {reporting}, expected "
+                            f"{cap.payout_each * cap.limit:.2f} {reporting}")
+        if busiest is not None and cap.exact and not busiest.held_by_cap:
+            problems.append(f"{busiest.day}: nothing held by the cap")
+        detail = "; ".join(problems) or (f"{busiest.day}: {busiest.payable}/{cap.limit} payable, paid "
+                                         f"{_amount(busiest.payout)} {reporting}, {busiest.held_by_cap} held "
+                                         "by the cap" if busiest else "")
+        out.append(PayoutCheck(label, not problems, detail))
+    for affiliate, (n, payable, held) in sorted(paused.items()):
+        ok = payable == 0 and held > 0
+        out.append(PayoutCheck(f"paused {affiliate}", ok,
+                               f"{n} conversions: {held} held affiliate_paused, {payable} payable"
+                               + ("" if ok else " (expected none payable, some held)")))
+    return tuple(out)
+
+
 def collect_report(client: Any, database: str, submission: Submission, found: int,
-                   timeout_s: float) -> DemoReport:
+                   timeout_s: float, facts: PayoutFacts | None = None, fx: FxRates | None = None) -> DemoReport:
     """Read this run's results back from ClickHouse (the receipts are in `_demo_receipts`)."""
     db = _q(database)
     receipts = "receipt_id IN _demo_receipts"
@@ -146,6 +376,7 @@ def collect_report(client: Any, database: str, submission: Submission, found: in
         clicks_recorded = int(_ch_rows(client, f"SELECT count() FROM {db}.clicks FINAL "
                                                "WHERE click_id IN _demo_clicks")[0][0])
     expected = Counter((s.expect, s.expect_reason) for s in submission.receipts.values())
+    payouts = collect_payouts(client, database, run_conversions, facts, fx) if facts is not None else {}
     return DemoReport(
         receipts_accepted=len(submission.receipts), receipts_with_outcome=found,
         outcomes=tuple((str(o), str(r), int(n)) for o, r, n in outcomes),
@@ -159,7 +390,7 @@ def collect_report(client: Any, database: str, submission: Submission, found: in
         clicks_sent=len(submission.click_ids), clicks_recorded=clicks_recorded,
         requests=submission.requests, elapsed_s=submission.elapsed_s,
         failures=tuple(sorted(submission.failures.items())), answers=tuple(sorted(submission.answers.items())),
-        skipped=submission.skipped, timeout_s=timeout_s,
+        skipped=submission.skipped, timeout_s=timeout_s, **payouts,
     )
 
 
@@ -213,6 +444,68 @@ def attributed_net(report: DemoReport) -> dict[str, Decimal]:
     return out
 
 
+def _share(part: Decimal, whole: Decimal) -> str:
+    return "n/a" if not whole else f"{part / whole:.1%}"
+
+
+def _payout_table(rows: Sequence[PayoutRow], key: Callable[[PayoutRow], str], first: str,
+                  total: str | None = None) -> list[str]:
+    """One line per key: approved conversions, revenue, payout, margin, payout/revenue, and the decisions."""
+    groups: dict[str, list[Any]] = {}
+    for row in rows:
+        for name in (key(row),) + ((total,) if total else ()):
+            entry = groups.setdefault(name, [0, Decimal(0), Decimal(0), Decimal(0), 0, 0, 0])
+            entry[0] += row.conversions
+            entry[1] += row.revenue
+            entry[2] += row.payout
+            entry[3] += row.pending_payout
+            entry[4] += row.payable
+            entry[5] += row.held
+            entry[6] += row.rejected
+    order = lambda name: (name == total, name.startswith("("), name)  # noqa: E731
+    body = [[name, str(conv), _amount(revenue), _amount(payout), _amount(revenue - payout), _share(payout, revenue),
+             _amount(pending), str(payable), str(held + rejected)]
+            for name, (conv, revenue, payout, pending, payable, held, rejected)
+            in sorted(groups.items(), key=lambda kv: order(kv[0]))]
+    header = [first, "approved", "revenue", "payout", "margin", "payout/rev", "pending payout", "payable", "held"]
+    return _table(header, body, set(range(1, len(header))))
+
+
+def format_payouts(report: DemoReport) -> list[str]:
+    """The payout part of the summary, in the reporting currency."""
+    cur = report.reporting_currency
+    lines = [f"== Payouts in {cur} (approved conversions net of refunds and clawbacks; pending shown apart)"]
+    if not report.payouts:
+        lines.append("  (no payout decisions: is the commission stage running?)")
+        return lines
+    lines.extend(_payout_table(report.payouts, lambda r: r.affiliate_id or "(no click)", "affiliate",
+                               total="= all affiliates"))
+    lines.append("")
+    lines.extend(_payout_table(report.payouts, lambda r: r.offer_id or "(no offer)", "offer"))
+    revenue = sum((r.revenue for r in report.payouts), Decimal(0))
+    payout = sum((r.payout for r in report.payouts), Decimal(0))
+    lines.append(f"  payout-to-margin: payout {_amount(payout)} {cur} of revenue {_amount(revenue)} {cur} = "
+                 f"{_share(payout, revenue)}; margin {_amount(revenue - payout)} {cur} "
+                 f"({_share(revenue - payout, revenue)})")
+    missing = sum(r.fx_missing for r in report.payouts)
+    if missing:
+        lines.append(f"  {missing} conversions had no FX rate (fx_missing): not in the {cur} sums")
+    lines.append("  held or rejected, and why:")
+    if report.holds:
+        lines.extend(f"    {h.conversions:>5}  {h.payout_status:<8} {h.reason:<28} revenue {_amount(h.revenue)} {cur}"
+                     for h in report.holds)
+    else:
+        lines.append("    (none)")
+    if report.caps:
+        lines.append("  cap usage (daily conversions, account-timezone days, all runs of the day):")
+        lines.extend(f"    {c.offer_id} {c.day}: {c.payable}/{c.limit} payable ({_amount(c.payout)} {cur}), "
+                     f"{c.held_by_cap} over the cap; this run: {c.this_run} conversions" for c in report.caps)
+    if report.checks:
+        lines.append("  payout checks (expected from the traffic plan and the partner file):")
+        lines.extend(f"    {'ok  ' if c.ok else 'FAIL'}  {c.label}: {c.detail}" for c in report.checks)
+    return lines
+
+
 def format_report(report: DemoReport) -> str:
     """The marketer-facing summary of one run."""
     lines: list[str] = []
@@ -254,6 +547,9 @@ def format_report(report: DemoReport) -> str:
     credited = attributed_net(report)
     lines.append("  attributed to affiliates: " + (", ".join(f"{_amount(v)} {c}" for c, v in sorted(credited.items()))
                                                    or "nothing"))
+    if report.reporting_currency:
+        lines.append("")
+        lines.extend(format_payouts(report))
 
     lines.append("")
     lines.append("== Quality")
@@ -339,5 +635,10 @@ def verdict(report: DemoReport) -> tuple[bool, str]:
     earned = {c: v for c, v in sorted(attributed_net(report).items()) if v > 0}
     if not earned:
         return False, "FAILED: no attributed revenue was recorded." + (warning.replace("\nWARNING:", "") or "")
+    failed = [c for c in report.checks if not c.ok]
+    if failed:
+        return False, (f"FAILED: {len(failed)} of {len(report.checks)} payout checks: "
+                       + "; ".join(f"{c.label}: {c.detail}" for c in failed) + warning)
+    checked = f"; all {len(report.checks)} payout checks passed" if report.checks else ""
     return True, (f"OK: all {report.receipts_accepted} accepted postbacks have an outcome, and affiliates earned "
-                  + ", ".join(f"{_amount(v)} {c}" for c, v in earned.items()) + warning)
+                  + ", ".join(f"{_amount(v)} {c}" for c, v in earned.items()) + checked + warning)

@@ -59,8 +59,12 @@ def _query(params: Sequence[tuple[str, str]]) -> str:
     return urlencode(list(params), quote_via=quote, safe="")
 
 
-def render_postback(step: PostbackStep, config: PartnerConfig, click_id: str | None, ts: int) -> WireRequest:
+def render_postback(step: PostbackStep, config: PartnerConfig, click_id: str | None, ts: int,
+                    event_time_ms: int | None = None) -> WireRequest:
     """The signed request for `step`, signed at unix time `ts` with the partner file's secrets.
+
+    `event_time_ms` adds the advertiser's `event_time` (epoch ms): the demo dates a
+    too-fast conversion (`step.event_at_click`) at the moment its click was sent.
 
     Query transport: GET with `ts`, `kid`, `sig` per docs/signing.md. JSON transport: POST
     of a flat JSON object with the X-Postback-* headers. Token transport: GET with the
@@ -71,6 +75,10 @@ def render_postback(step: PostbackStep, config: PartnerConfig, click_id: str | N
     params = list(step.params)
     if step.with_click_id and click_id:
         params.insert(2, ("click_id", click_id))
+    if event_time_ms is not None:
+        name = next((src for src, dst in adv.aliases.items() if dst == "event_time" and src != "event_time"),
+                    "event_time")
+        params.append((name, str(event_time_ms)))
     if step.transport == "token":
         token = WRONG_SECRET if step.bad == "wrong_secret" else (adv.token or "")
         signed = params + [("ts", str(ts)), ("token", token)]
@@ -318,12 +326,14 @@ class _Submitter:
         click_id = journey.late_click_id
         clicked = journey.late_click_id is not None   # a late click's id is ours: usable before it is sent
         first_sent_ms: int | None = None
+        click_sent_ms: int | None = None
         sent: dict[int, WireRequest] = {}
         for index, step in enumerate(journey.steps):
             if step.delay_s:
                 await asyncio.sleep(step.delay_s)
             if isinstance(step, ClickStep):
                 if step.mode == "redirect":
+                    click_sent_ms = time.time_ns() // 1_000_000
                     click_id = await self.click(journey)
                     clicked = click_id is not None
                 else:  # the user clicked minutes before the conversion; its record only arrives now
@@ -341,7 +351,8 @@ class _Submitter:
                     self._tick()
                     continue
             else:
-                request = render_postback(step, self.config, click_id, int(time.time()))
+                request = render_postback(step, self.config, click_id, int(time.time()),
+                                          click_sent_ms if step.event_at_click else None)
             sent[index] = request
             first_sent_ms = first_sent_ms or time.time_ns() // 1_000_000
             await self.postback(step, request)

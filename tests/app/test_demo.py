@@ -23,9 +23,11 @@ from app.demo import plan as demo_plan
 from app.demo import report as demo_report
 from app.demo import send as demo_send
 from app.demo.plan import ClickStep, PostbackStep
-from app.demo.report import DemoReport, Quantiles, RevenueRow
+from app.demo.report import CapRow, DemoReport, HoldRow, PayoutCheck, PayoutRow, Quantiles, RevenueRow, \
+    ScenarioRow
 from app.demo.send import ProgressBar, WireRequest
 from postback.config import Settings
+from postback.fx import FxRates, parse_fx_csv, round_money
 from postback.partners import load_partner_config
 from processors import stages
 from processors.normalize import normalize
@@ -69,6 +71,31 @@ def test_demo_partner_file_loads_and_suits_a_loopback_demo() -> None:
     assert all("{click_id}" in u for u in landings if u)
     text = demo.DEMO_PARTNERS.read_text()
     assert "demo-only" in text.lower() and "DEMO-ONLY SECRETS" in text
+
+
+def test_demo_partner_file_pays_by_rule_with_a_cap_a_paused_affiliate_and_a_quality_rule() -> None:
+    assert (CONFIG.account.reporting_currency, CONFIG.account.timezone) == ("USD", "Europe/Berlin")
+    assert {a for a, _ in demo_plan.AFFILIATES} == set(CONFIG.affiliates)
+    assert [a for a, aff in CONFIG.affiliates.items() if aff.status == "paused"] == ["aff-social"]
+    kinds = {rule.kind for offer in CONFIG.offers.values() for rule in offer.payouts.values()}
+    assert kinds == {"cpa", "revshare", "cpa_plus_revshare"}
+    assert all(offer.payouts for offer in CONFIG.offers.values())
+    assert CONFIG.offers["streamly-annual"].payouts["purchase"].tiers
+    assert CONFIG.offers["gamehub-rpg"].caps.daily_conversions == 5
+    assert CONFIG.offers["shopco-outlet"].quality.min_click_to_conversion_s == 2
+    assert CONFIG.offers["shopco-spring"].clawback_days == 60
+    assert CONFIG.affiliates["aff-coupons"].payouts["shopco-outlet"]["purchase"].amount == Decimal("7.50")
+
+
+def test_demo_fx_rates_cover_every_currency_the_plan_sends() -> None:
+    rates = parse_fx_csv(demo.DEMO_FX_RATES.read_text(), str(demo.DEMO_FX_RATES))
+    plan = demo_plan.build_plan(CONFIG, 2000, 21, RUN_ID)
+    sent = {s.currency for _, s in plan.postbacks() if s.currency}
+    rules = {r.currency for o in CONFIG.offers.values() for r in o.payouts.values() if r.currency}
+    foreign = (sent | rules) - {CONFIG.account.reporting_currency}
+    assert foreign and foreign <= {r.currency for r in rates}
+    assert min(r.date for r in rates) <= "2024-01-01"  # any demo date finds a rate
+    assert demo.DEMO_FX_REPORTING == CONFIG.account.reporting_currency
 
 
 def test_partner_file_prefers_postback_config(tmp_path: Path) -> None:
@@ -347,3 +374,201 @@ def test_cli_registers_demo_with_its_flags() -> None:
         ("http://127.0.0.1:9", 5, 10.0, "db", 3.0, 4)
     defaults = build_parser().parse_args(["demo"])
     assert (defaults.clicks, defaults.rate, defaults.timeout, defaults.seed) == (300, 200.0, 120.0, None)
+
+
+# --------------------------------------------------------------------------- payouts
+
+
+def test_plan_starts_with_the_payout_scenarios() -> None:
+    plan = demo_plan.build_plan(CONFIG, 300, 42, RUN_ID)
+    cap = CONFIG.offers["gamehub-rpg"].caps.daily_conversions
+    scenarios = [j for j in plan.journeys if j.scenario]
+    assert [j.scenario for j in scenarios] == \
+        ["clawback", "too_fast", "paused"] + ["cap"] * (cap + demo_plan.CAP_EXCESS)
+    assert plan.journeys[:len(scenarios)] == tuple(scenarios) and len(plan.journeys) == 300
+    for journey in scenarios:
+        assert journey.steps[0] == ClickStep("redirect")
+        assert all(s.with_click_id and s.role == "original" and s.status == "approved" for s in journey.postbacks)
+        status = "paused" if journey.scenario == "paused" else "active"
+        assert CONFIG.affiliates[journey.affiliate_id].status == status
+    by = {j.scenario: j for j in scenarios}
+    buy, refund = by["clawback"].postbacks
+    assert (buy.event, refund.event) == ("purchase", "refund") and buy.order_id == refund.order_id
+    assert (refund.amount, refund.currency) == (buy.amount, buy.currency) and buy.currency != "USD"
+    assert refund.delay_s >= 2.0  # the purchase's payout is decided before its refund arrives
+    fast = by["too_fast"].postbacks[0]
+    assert by["too_fast"].offer_id == "shopco-outlet" and fast.event_at_click and fast.delay_s == 0
+    assert {j.offer_id for j in scenarios if j.scenario == "cap"} == {"gamehub-rpg"}
+    # a plan too small for every scenario keeps the first ones
+    assert [j.scenario for j in demo_plan.build_plan(CONFIG, 2, 42, RUN_ID).journeys] == ["clawback", "too_fast"]
+
+
+def test_random_journeys_on_an_offer_with_a_minimum_wait_are_not_too_fast() -> None:
+    plan = demo_plan.build_plan(CONFIG, 1500, 8, RUN_ID)
+    waits = [j.steps[1].delay_s for j in plan.journeys
+             if not j.scenario and j.offer_id == "shopco-outlet" and not j.late_click_id and len(j.steps) > 1]
+    assert waits and min(waits) >= 2 + demo_plan.QUALITY_MARGIN_S[0]
+    assert not any(s.event_at_click for j in plan.journeys if j.scenario != "too_fast" for s in j.postbacks)
+
+
+def test_too_fast_postback_carries_the_click_time_as_event_time() -> None:
+    plan = demo_plan.build_plan(CONFIG, 20, 42, RUN_ID)
+    step = next(s for _, s in plan.postbacks() if s.event_at_click)
+    req = demo_send.render_postback(step, CONFIG, CLICK_ID, TS, event_time_ms=TS * 1000 - 250)
+    out = stages.verify(_recorded(req, "R1", TS * 1000), CONFIG, TS * 1000)
+    assert out.kind == "dedupe" and out.record["event_time_ms"] == TS * 1000 - 250
+
+
+def test_payout_facts_follow_the_partner_file() -> None:
+    plan = demo_plan.build_plan(CONFIG, 300, 42, RUN_ID)
+    facts = demo_plan.payout_facts(plan, CONFIG)
+    assert (facts.reporting_currency, facts.timezone) == ("USD", "Europe/Berlin")
+    assert facts.paused_affiliates == ("aff-social",) and facts.capped_offers == (("gamehub-rpg", 5),)
+    assert facts.caps == (demo_plan.CapExpectation("gamehub-rpg", 5, True, Decimal("4.00")),)
+    buy = next(s for j in plan.journeys if j.scenario == "clawback" for s in j.postbacks)
+    paid = round_money(Decimal(buy.amount) * Decimal("0.08"), buy.currency)
+    by = {(e.event, e.payout_reason): e for e in facts.conversions}
+    assert (by[("purchase", None)].payout, by[("purchase", None)].payout_currency) == (paid, buy.currency)
+    assert (by[("refund", "clawback")].payout, by[("refund", "clawback")].payout_status) == (-paid, "payable")
+    assert by[("purchase", "too_fast")].payout_status == "hold" and by[("purchase", "too_fast")].payout == 0
+    assert by[("purchase", "affiliate_paused")].payout_status == "hold"
+    # rules: the affiliate's override wins; tiers depend on history (not predicted)
+    assert demo_plan.planned_payout(CONFIG, "shopco-outlet", "aff-coupons", "purchase", "20.00", "USD") == \
+        (Decimal("7.50"), "EUR")
+    assert demo_plan.planned_payout(CONFIG, "shopco-outlet", "aff-search", "purchase", "20.00", "USD") == \
+        (Decimal("6.00"), "EUR")
+    assert demo_plan.planned_payout(CONFIG, "streamly-annual", "aff-search", "purchase", "99.00", "USD") is None
+    assert demo_plan.planned_payout(CONFIG, "gamehub-rpg", "aff-search", "signup", None, None) is None
+
+
+def test_the_engine_decides_the_scenarios_as_the_facts_say() -> None:
+    """The facts are computed without the engine; here the engine runs on the scenarios, in sending order."""
+    from processors.commission import commission
+
+    plan = demo_plan.build_plan(CONFIG, 300, 42, RUN_ID)
+    facts = demo_plan.payout_facts(plan, CONFIG)
+    fx = FxRates()
+    for rate in parse_fx_csv(demo.DEMO_FX_RATES.read_text(), "demo"):
+        fx.add(rate)
+    states: dict[str, dict] = {}
+    decided: dict[tuple[str, str], dict] = {}
+    now_ms = 1_796_630_400_000  # 2026-12-07 in Berlin
+    for journey in (j for j in plan.journeys if j.scenario):
+        clicked_ms = now_ms
+        for step in journey.postbacks:
+            now_ms += int(step.delay_s * 1000) + 50
+            event_ms = clicked_ms if step.event_at_click else now_ms
+            conv = {"conversion_id": f"{step.order_id}-{step.event}", "version": 1, "receipt_id": "R",
+                    "advertiser_id": step.advertiser_id, "offer_id": journey.offer_id,
+                    "affiliate_id": journey.affiliate_id, "click_id": "C", "event": step.event,
+                    "status": step.status, "amount": Decimal(step.amount), "currency": step.currency,
+                    "sign": -1 if step.event == "refund" else 1, "event_time_ms": event_ms,
+                    "received_at_ms": now_ms, "clicked_at_ms": clicked_ms,
+                    "click_to_conversion_s": (event_ms - clicked_ms) // 1000, "attributed": True,
+                    "order_id": step.order_id}
+            out = commission(conv, CONFIG, states.setdefault(journey.offer_id, {}), fx, now_ms)
+            decided[(step.order_id, step.event)] = out
+        now_ms += 1000
+    for e in facts.conversions:
+        out = decided[(e.order_id, e.event)]
+        assert (out["payout_status"], out["payout_reason"], out["payout"]) == \
+            (e.payout_status, e.payout_reason, e.payout), e
+    cap = facts.caps[0]
+    capped = [o for (order, _), o in decided.items() if order.startswith("CAP-")]
+    assert sum(o["payout_status"] == "payable" for o in capped) == cap.limit
+    assert sum(o["payout_reporting"] for o in capped if o["payout_status"] == "payable") == cap.payout_each * cap.limit
+    assert {o["payout_reason"] for o in capped if o["payout_status"] != "payable"} == {"cap_daily_conversions"}
+
+
+def _scenario_rows(paid: Decimal = Decimal("13.43"), clawed: Decimal = Decimal("-13.43")) -> list[ScenarioRow]:
+    reporting = round_money(paid * Decimal("1.0790"), "USD")
+    return [
+        ScenarioRow("shopco", "CLAW-1", "purchase", "payable", "", paid, "EUR", reporting, "2026-12-07"),
+        ScenarioRow("shopco", "CLAW-1", "refund", "payable", "clawback", clawed, "EUR", -reporting, "2026-12-07"),
+        ScenarioRow("shopco", "FAST-2", "purchase", "hold", "too_fast", Decimal(0), "EUR", Decimal(0), "2026-12-07"),
+    ]
+
+
+_FACTS = demo_plan.PayoutFacts(
+    "USD", "Europe/Berlin",
+    conversions=(
+        demo_plan.PayoutExpectation("clawback CLAW-1", "shopco", "CLAW-1", "purchase", "payable", None,
+                                    Decimal("13.43"), "EUR"),
+        demo_plan.PayoutExpectation("clawback CLAW-1 refund", "shopco", "CLAW-1", "refund", "payable", "clawback",
+                                    Decimal("-13.43"), "EUR", refund_of="CLAW-1"),
+        demo_plan.PayoutExpectation("too_fast FAST-2", "shopco", "FAST-2", "purchase", "hold", "too_fast",
+                                    Decimal(0), "EUR"),
+    ),
+    caps=(demo_plan.CapExpectation("gamehub-rpg", 5, True, Decimal("4.00")),),
+    paused_affiliates=("aff-social",), capped_offers=(("gamehub-rpg", 5),))
+_CAPS = (CapRow("gamehub-rpg", "2026-12-07", 5, 5, Decimal("20.00"), 4, 9),)
+_FX = FxRates()
+for _rate in parse_fx_csv("date,currency,rate\n2026-12-01,EUR,1.0790\n", "t"):
+    _FX.add(_rate)
+
+
+def test_payout_checks_pass_on_the_expected_decisions() -> None:
+    checks = demo_report.payout_checks(_FACTS, _scenario_rows(), _CAPS, {"aff-social": (3, 0, 2)}, _FX)
+    assert [c.ok for c in checks] == [True] * 5, checks
+    assert checks[0].detail == "payable, 13.43 EUR = 14.49 USD"
+    assert checks[1].detail == "payable clawback, -13.43 EUR = -14.49 USD"
+    assert checks[3].detail == "2026-12-07: 5/5 payable, paid 20.00 USD, 4 held by the cap"
+    assert checks[4].detail == "3 conversions: 2 held affiliate_paused, 0 payable"
+
+
+def test_payout_checks_catch_wrong_decisions() -> None:
+    checks = demo_report.payout_checks(
+        _FACTS, _scenario_rows(clawed=Decimal("-13.42"))[1:],
+        (CapRow("gamehub-rpg", "2026-12-07", 5, 6, Decimal("24.00"), 3, 9),), {"aff-social": (3, 1, 1)}, _FX)
+    failed = {c.label: c.detail for c in checks if not c.ok}
+    assert failed["clawback CLAW-1"] == "no payout decision in ClickHouse"
+    assert "payout -13.42 EUR, expected -13.43 EUR" in failed["clawback CLAW-1 refund"]
+    assert "6 payable, above the cap 5" in failed["cap gamehub-rpg daily_conversions 5"]
+    assert "paid 24.00 USD, expected 20.00 USD" in failed["cap gamehub-rpg daily_conversions 5"]
+    assert "1 payable" in failed["paused aff-social"]
+    assert "too_fast FAST-2" not in failed
+
+
+def _payout_report(**overrides: object) -> DemoReport:
+    payouts = (
+        PayoutRow("aff-cashback", "shopco-spring", 3, Decimal("300.00"), Decimal("24.00"), Decimal(0), 3, 0, 0),
+        PayoutRow("aff-cashback", "gamehub-rpg", 2, Decimal("50.00"), Decimal("8.00"), Decimal("4.00"), 3, 1, 0),
+        PayoutRow("aff-social", "shopco-spring", 1, Decimal("100.00"), Decimal(0), Decimal(0), 0, 1, 0, 1),
+    )
+    holds = (HoldRow("hold", "cap_daily_conversions", 1, Decimal("25.00")),
+             HoldRow("hold", "affiliate_paused", 1, Decimal("100.00")))
+    checks = (PayoutCheck("cap gamehub-rpg daily_conversions 5", True, "2026-12-07: 5/5 payable"),
+              PayoutCheck("paused aff-social", True, "1 conversions: 1 held affiliate_paused, 0 payable"))
+    fields: dict[str, object] = dict(reporting_currency="USD", payouts=payouts, holds=holds, caps=_CAPS, checks=checks)
+    fields.update(overrides)
+    return _report(**fields)
+
+
+def test_format_report_shows_payouts_margin_holds_and_caps_in_the_reporting_currency() -> None:
+    text = demo_report.format_report(_payout_report())
+    lines = text.splitlines()
+    start = lines.index("== Payouts in USD (approved conversions net of refunds and clawbacks; pending shown apart)")
+    assert lines[start + 1].split() == ["affiliate", "approved", "revenue", "payout", "margin", "payout/rev",
+                                        "pending", "payout", "payable", "held"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start:] if line.startswith("  aff-")}
+    assert rows["aff-cashback"] == ["5", "350.00", "32.00", "318.00", "9.1%", "4.00", "6", "1"]
+    assert rows["aff-social"] == ["1", "100.00", "0.00", "100.00", "0.0%", "0.00", "0", "1"]
+    assert next(line for line in lines if "= all affiliates" in line and "450.00" in line).split()[3:] == \
+        ["6", "450.00", "32.00", "418.00", "7.1%", "4.00", "6", "2"]
+    offers = {line.split()[0]: line.split()[1:] for line in lines[start:] if line.startswith(("  gamehub", "  shopco"))}
+    assert offers["shopco-spring"][:5] == ["4", "400.00", "24.00", "376.00", "6.0%"]
+    assert "  payout-to-margin: payout 32.00 USD of revenue 450.00 USD = 7.1%; margin 418.00 USD (92.9%)" in lines
+    assert "1 conversions had no FX rate (fx_missing)" in text
+    assert any(line.split() == ["1", "hold", "cap_daily_conversions", "revenue", "25.00", "USD"] for line in lines)
+    assert "    gamehub-rpg 2026-12-07: 5/5 payable (20.00 USD), 4 over the cap; this run: 9 conversions" in lines
+    assert "    ok    paused aff-social: 1 conversions: 1 held affiliate_paused, 0 payable" in lines
+    assert "no payout decisions" in demo_report.format_report(_report(reporting_currency="USD"))
+    assert "== Payouts" not in demo_report.format_report(_report())
+
+
+def test_verdict_fails_on_a_failed_payout_check() -> None:
+    ok, message = demo_report.verdict(_payout_report())
+    assert ok and "all 2 payout checks passed" in message
+    bad = (PayoutCheck("too_fast FAST-2", False, "payable, expected hold too_fast"),)
+    ok, message = demo_report.verdict(_payout_report(checks=bad))
+    assert not ok and message == "FAILED: 1 of 1 payout checks: too_fast FAST-2: payable, expected hold too_fast"

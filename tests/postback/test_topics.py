@@ -59,7 +59,7 @@ def test_layout():
            for family in ("acquisition", "purchase", "subscription", "reversal")},
         "processor-dedupe": ("partition of the dedupe key", 6, "internal-json"),
         "processor-attribute": ("partition of the click_id", 6, "internal-json"),
-        "processor-commission": ("offer_id (else conversion_id)", 6, "internal-json"),
+        "processor-commission": ("advertiser_id", 6, "internal-json"),
         "fx-rates": ("currency|date", 1, "FxRate"),
     }
     # Co-partitioned for the click/postback join (faust assigns partition N of each to one worker).

@@ -383,6 +383,24 @@ def test_clawback_inside_and_outside_the_window() -> None:
     assert_json(state)
 
 
+def test_a_refund_without_its_click_takes_back_from_the_order_and_takes_its_affiliate() -> None:
+    """Advertisers send refunds with the order id only: no click, no offer, not attributed."""
+    cfg, state = config("clawback_days = 30\n" + CPA), {}
+    run(conv(order_id="D-1"), cfg, state)
+    refund = conv(order_id="D-1", event="refund", sign=-1, attributed=False, affiliate_id=None, offer_id=None,
+                  click_id=None, event_time_ms=T0 + DAY_MS)
+    out = run(refund, cfg, state)
+    assert (out["payout"], out["payout_status"], out["payout_reason"]) == (Decimal("-5.00"), "payable", "clawback")
+    assert (out["affiliate_id"], out["offer_id"]) == (conv()["affiliate_id"], conv()["offer_id"])
+    assert run(refund, cfg, state) == out  # a replay adopts the same, takes nothing again
+    # an order nothing was paid for: not attributed, nothing to take back
+    lost = run(conv(order_id="D-2", event="refund", sign=-1, attributed=False, affiliate_id=None, offer_id=None,
+                    click_id=None), cfg, state)
+    assert (lost["payout"], lost["payout_status"], lost["payout_reason"], lost["affiliate_id"]) == \
+        (0, "none", "not_attributed", None)
+    assert_json(state)
+
+
 def test_a_rejected_refund_gives_the_payment_back() -> None:
     cfg, state = config(CPA), {}
     run(conv(order_id="C-1"), cfg, state)

@@ -44,14 +44,14 @@ percent = "10"
 
 @pytest.mark.parametrize("partitions", [1, 6, 7, 32])
 def test_the_command_places_backfills_where_the_processors_place_conversions(partitions: int) -> None:
-    pairs = [(f"conv-{i}", None if i % 3 == 0 else f"offer-{i % 5}") for i in range(60)]
+    pairs = [(f"conv-{i}", f"adv-{i % 7}") for i in range(60)]
     placed: dict[str, int] = {}
     for partition, envelope in backfill_envelopes(pairs, partitions):
         for message in decode_envelope(envelope):
             placed[message[BACKFILL]] = partition
     assert set(placed) == {cid for cid, _ in pairs}
-    for cid, offer in pairs:
-        key = commission_key({"offer_id": offer, "conversion_id": cid})
+    for cid, advertiser in pairs:
+        key = commission_key({"advertiser_id": advertiser, "conversion_id": cid})
         assert placed[cid] == partition_for(key, partitions)  # the processors' publisher
 
 
@@ -89,7 +89,7 @@ def test_a_conversion_waiting_for_a_rate_is_recomputed_after_the_rate_is_loaded(
 
     # The worker follows fx-rates in the background: until it has read the rate, a backfill
     # leaves the conversion as it is, so send it again (idempotent) until the record comes.
-    pairs = [(first["conversion_id"], first["offer_id"])]
+    pairs = [(first["conversion_id"], first["advertiser_id"])]
     deadline = time.monotonic() + 90
     again: list[dict] = []
     while not again:
