@@ -57,6 +57,19 @@ How:
    events/s / faust floor events/s: how close the worker gets to what faust itself can
    consume on this host.
 
+Commission (`--payout-rules`): every conversion goes through the commission stage. By
+default (`off`) the partner file has no payout rules, so each conversion gets
+payout_status `none`. `on` gives the offer a realistic commission set-up (a
+cpa_plus_revshare rule with a tier for purchases, daily and monthly conversion caps, a daily
+cap per affiliate, a minimum click-to-conversion time, an `[account]` in USD, affiliates,
+one paid in EUR and one paused; see `payout_rules_toml`) and publishes FX rates to the
+fx-rates topic before the worker starts. `compare` runs the worker over the same records
+`--payout-rules-runs` times without and with them, each run under a fresh topic prefix (its
+own topics, consumer group and state), and reports each variant's median run and
+`ratio_payout_rules_to_none` (events/s with / without; the goal of issue 13 is >= 0.85). In
+every mode each conversion must carry a payout_status: with rules some must be payable,
+none may lack a rule or an FX rate; without, all are `none`.
+
 Optional `--profile`: py-spy samples the worker (non-blocking) from its first output to
 the end of the timed run and the report lists the top self-time frames. Sampling costs
 the worker some CPU on a small host, so profile in a separate run from the one you quote.
@@ -90,8 +103,8 @@ from urllib.parse import urlencode
 from bench.harness import (
     ADVERTISER, BENCH_DIR, CROCKFORD, KEY_ID, OFFER, PARTNERS_TOML, SECRET, Child, KafkaOffsets, RssSampler,
     add_output_args, add_profile_args, child_env, finish_py_spy, host_busy_pct, host_cpu_ticks, host_info, log, mb,
-    median_run, positive_int, produce_records, profile_lines, ratio, run_and_report, settled_count, start_kafka,
-    start_py_spy, thin, tree_cpu_s, tree_hwm_kb,
+    median_run, positive_int, produce_records, profile_lines, ratio, run_and_report, settled_count, spread,
+    start_kafka, start_py_spy, thin, tree_cpu_s, tree_hwm_kb,
 )
 from deploy.procs import free_port, tail
 from deploy.providers import KafkaService, unique_name
@@ -108,6 +121,16 @@ FORM = "application/x-www-form-urlencoded"
 READY = re.compile(r"\bReady\b")
 STARTED = re.compile(r"processor worker \d+ started")
 POLL_S = 0.2
+PAYOUT_RULES_MODES = ("off", "on", "compare")
+#: The issue 13 goal: throughput with payout rules at least this fraction of the run without them.
+PAYOUT_RULES_GOAL_RATIO = 0.85
+REPORTING_CURRENCY = "USD"
+#: Rates published to the fx-rates topic for the runs with payout rules: units of USD for 1 unit.
+#: The traffic is in USD; EUR is the currency of an affiliate's payout override (so payouts are
+#: converted), GBP is loaded as an operator would load it although no record uses it.
+FX_RATES = {"EUR": "1.0850", "GBP": "1.2710"}
+FX_DAYS = 40
+PAYOUT_STATUSES = ("payable", "hold", "rejected", "none")
 
 
 # -- the workload ---------------------------------------------------------------------
@@ -231,6 +254,81 @@ def produce_all(bootstrap: str, topics: Topics, work: Workload) -> float:
                                        (topics.clicks.name, work.clicks_last)), 60.0, 120)
 
 
+# -- payout rules -------------------------------------------------------------------
+def payout_rules_toml(work: Workload) -> str:
+    """The benchmark's partner file plus a realistic commission set-up on its offer.
+
+    Sized from the workload so the caps and the tier bite on part of the traffic only:
+    the offer's daily cap (hold) at 95 % of the conversions (the traffic spans less than a
+    day for the default sizes, so a few percent are held), a monthly cap no run reaches, a
+    daily cap per affiliate (reject) about 1.5 times an affiliate's average share (50
+    affiliates), and a purchase tier from half an affiliate's average approved count on.
+    The quality rule (10 s minimum from click to conversion) holds none: every click is a
+    minute older than its postbacks. aff-0 has an override paid in EUR (converted through
+    the FX rates), aff-1 is paused (its conversions are held), aff-2..aff-9 are listed."""
+    conversions = work.counts["valid"] + work.counts["late_click"]
+    per_affiliate = max(1, conversions // 50)
+    lines = [PARTNERS_TOML,
+             "[account]", f'reporting_currency = "{REPORTING_CURRENCY}"', 'timezone = "Europe/Berlin"', "",
+             f"[offers.{OFFER}.payouts.purchase]", 'type = "cpa_plus_revshare"', 'amount = "2.50"',
+             'currency = "USD"', 'percent = "8"',
+             f'tiers = [ {{ min_approved = {max(1, per_affiliate // 2)}, amount = "3.00", percent = "10" }} ]', "",
+             f"[offers.{OFFER}.caps]", f"daily_conversions = {max(1, conversions * 95 // 100)}",
+             f"monthly_conversions = {max(2, conversions * 10)}", 'on_cap = "hold"', "",
+             f"[offers.{OFFER}.affiliate_caps]", f"daily_conversions = {max(1, per_affiliate * 3 // 2)}",
+             'on_cap = "reject"', "",
+             f"[offers.{OFFER}.quality]", "min_click_to_conversion_s = 10", "",
+             "[affiliates.aff-0]", 'name = "Affiliate Zero"',
+             f"[affiliates.aff-0.payouts.{OFFER}.purchase]", 'type = "cpa"', 'amount = "2.80"', 'currency = "EUR"', "",
+             "[affiliates.aff-1]", 'name = "Affiliate One"', 'status = "paused"', ""]
+    lines += [f'[affiliates.aff-{i}]\nname = "Affiliate {i}"\n' for i in range(2, 10)]
+    return "\n".join(lines)
+
+
+def fx_records(now_s: float) -> list[tuple[bytes, bytes]]:
+    """One rate per currency of FX_RATES and day, for the last FX_DAYS days (UTC dates), as
+    `postback fx load` publishes them (Avro FxRate, key `currency|date`)."""
+    from schemas.codec import Codec
+
+    codec = Codec.for_record("FxRate")
+    loaded_at_ms = int(now_s * 1000)
+    records = []
+    for day in range(FX_DAYS, -1, -1):
+        date = time.strftime("%Y-%m-%d", time.gmtime(now_s - day * 86400))
+        for currency, rate in FX_RATES.items():
+            records.append((f"{currency}|{date}".encode(), codec.encode(
+                {"date": date, "currency": currency, "rate": rate, "reporting_currency": REPORTING_CURRENCY,
+                 "loaded_at_ms": loaded_at_ms})))
+    return records
+
+
+def check_payouts(found: dict[str, list[Output]], work: Workload, rules: bool) -> dict[str, Any]:
+    """Every conversion carries a payout_status; with payout rules some are payable, none lacks a
+    rule (the offer has one for the purchase event) and none misses an FX rate; without rules
+    every one is `none`."""
+    statuses: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    fx: collections.Counter[str] = collections.Counter()
+    tier = 0
+    for receipt, outs in found.items():
+        if receipt not in work.kind_of or outs[0].name != "Conversion":
+            continue
+        rec = outs[0].record
+        statuses[str(rec.get("payout_status") or "null")] += 1
+        reasons[str(rec.get("payout_reason") or "null")] += 1
+        fx[str(rec.get("fx_status") or "null")] += 1
+        tier += "tier" in (rec.get("payout_rule") or "")
+    checks = {"every_conversion_has_a_payout_status": set(statuses) <= set(PAYOUT_STATUSES)}
+    if rules:
+        checks.update(some_conversions_payable=statuses["payable"] > 0,
+                      no_conversion_without_a_rule=reasons["no_payout_rule"] == 0,
+                      no_conversion_missing_an_fx_rate=fx["fx_missing"] == 0)
+    else:
+        checks["every_conversion_none"] = set(statuses) <= {"none"}
+    return {"correct": all(checks.values()), "checks": checks, "payout_status": dict(statuses),
+            "payout_reason": dict(reasons), "fx_status": dict(fx), "paid_by_a_tier": tier}
+
+
 # -- measuring ------------------------------------------------------------------------
 @dataclass
 class WorkerRun:
@@ -253,18 +351,20 @@ class WorkerRun:
 
 
 def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, env: dict[str, str],
-               scratch: Path, work: Workload) -> WorkerRun:
-    """Start one worker, time it until N outcome records exist, SIGTERM it."""
+               scratch: Path, work: Workload, name: str = "worker") -> WorkerRun:
+    """Start one worker, time it until N outcome records exist, SIGTERM it. `name` names its log
+    (`<name>.log`) and state directory (`<name>-state`) in `scratch`."""
     n = len(work.kind_of)
     counter = KafkaOffsets(kafka.bootstrap_servers, {
         "outcomes": [topics.conversions.name, topics.rejections.name, topics.duplicates.name],
         "to_dedupe": [topics.processor_dedupe.name], "to_attribute": [topics.processor_attribute.name],
+        "to_commission": [topics.processor_commission.name],
         "inputs": [topics.raw_postbacks.name, topics.clicks.name]})
-    argv = [sys.executable, "-m", "app.cli", "process", "--data-dir", str(scratch / "worker-state"),
+    argv = [sys.executable, "-m", "app.cli", "process", "--data-dir", str(scratch / f"{name}-state"),
             "--web-port", str(free_port()), "--late-click-wait", str(args.late_click_wait),
             "--loglevel", args.worker_loglevel]
     host_before = host_cpu_ticks()
-    worker = Child("worker", argv, env, scratch / "worker.log")
+    worker = Child(name, argv, env, scratch / f"{name}.log")
     t0 = worker.started
     profiler: Child | None = None
     sampler: RssSampler | None = None
@@ -294,13 +394,15 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
                 if args.profile:
                     profiler = start_py_spy(worker.proc.pid, args.timeout, scratch)
                     log(f"py-spy sampling the worker (pid {worker.proc.pid}) ...")
-            progress.append([round(elapsed, 2), total, counts["to_dedupe"], counts["to_attribute"]])
+            progress.append([round(elapsed, 2), total, counts["to_dedupe"], counts["to_attribute"],
+                             counts["to_commission"]])
             if total >= n:
                 break
             if now - last_log >= 2.0:
                 last_log = now
                 log(f"{worker.name}: {elapsed:5.1f}s, {total:,}/{n:,} outcomes ({counts['to_dedupe']:,} records in "
-                    f"the internal dedupe topic, {counts['to_attribute']:,} in the attribute topic)")
+                    f"the internal dedupe topic, {counts['to_attribute']:,} in the attribute topic, "
+                    f"{counts['to_commission']:,} in the commission topic)")
             if now > deadline:
                 raise RuntimeError(f"only {total} of {n} outcomes after {args.timeout:.0f}s:\n{tail(worker.log_path)}")
             time.sleep(POLL_S)
@@ -309,15 +411,15 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
         hwm_kb = tree_hwm_kb(worker.proc.pid)
         host_after = host_cpu_ticks()
         sampler.stop()
-        log(f"worker: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start)")
+        log(f"{worker.name}: {n:,} outcomes after {elapsed_s:.2f}s ({n / elapsed_s:,.0f}/s from start)")
         profile = None
         if profiler is not None:
             profile = finish_py_spy(profiler, scratch, args.profile_top, "first output -> N outcomes")
         uncommitted = wait_for_commits(counter, topics.processor_group, worker)
-        log("stopping the worker (SIGTERM) ...")
+        log(f"stopping {worker.name} (SIGTERM) ...")
         exit_code = worker.stop()
         if exit_code != 0:
-            log(f"worker exited {exit_code}:\n{tail(worker.log_path)}")
+            log(f"{worker.name} exited {exit_code}:\n{tail(worker.log_path)}")
         return WorkerRun(
             elapsed_s=elapsed_s, first_output_s=first_output_s, started_line_s=started_line_s, ready_s=ready_s,
             outputs_at_done=total, cpu_s=cpu_s, cpu_s_from_first_output=cpu_s - cpu_at_first_output,
@@ -333,14 +435,15 @@ def run_worker(args: argparse.Namespace, kafka: KafkaService, topics: Topics, en
         counter.close()
 
 
-#: The leader's timer sends a tick to each partition of both internal topics every second (6 + 6), and
-#: a commit follows within a second: a few ticks may be uncommitted at any moment.
+#: The leader's timer sends a tick to each partition of the dedupe and attribute topics every second
+#: (6 + 6), and a commit follows within a second: a few ticks may be uncommitted at any moment. The
+#: commission topic gets no ticks: it must be committed to its end.
 TICKS_IN_FLIGHT = 24
 
 
 def committed_to_the_end(uncommitted: dict[str, int]) -> bool:
     """The processor group's commits reached the end of its inputs, a few ticks aside."""
-    return uncommitted.get("inputs") == 0 and \
+    return uncommitted.get("inputs") == 0 and uncommitted.get("to_commission", 0) == 0 and \
         uncommitted.get("to_dedupe", 0) + uncommitted.get("to_attribute", 0) <= TICKS_IN_FLIGHT
 
 
@@ -353,7 +456,8 @@ def wait_for_commits(counter: KafkaOffsets, consumer_group: str, worker: Child,
     deadline = time.monotonic() + timeout
     while True:
         worker.check_alive()
-        left = {group: counter.lag(consumer_group, group) for group in ("inputs", "to_dedupe", "to_attribute")}
+        left = {group: counter.lag(consumer_group, group)
+                for group in ("inputs", "to_dedupe", "to_attribute", "to_commission")}
         if committed_to_the_end(left):
             log(f"the processor group committed to the end of its inputs ({left})")
             return left
@@ -545,54 +649,68 @@ def run_faust_floor_once(args: argparse.Namespace, kafka: KafkaService, topics: 
     return dict(timing, **extra)
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    host = host_info()
-    settings = Settings.from_env()
-    prefix = unique_name("bench")
+@dataclass
+class Measured:
+    """One worker run over its own topic prefix: its timing, the check of its outcomes and of their payouts."""
+
+    label: str  # "none" (the partner file without payout rules) or "rules"
+    topics: Topics
+    env: dict[str, str]
+    run: WorkerRun
+    details: dict[str, Any]
+    payouts: dict[str, Any]
+    prefill_s: float
+
+    @property
+    def correct(self) -> bool:
+        return self.details["correct"] and committed_to_the_end(self.run.uncommitted) and self.payouts["correct"]
+
+
+def measure(args: argparse.Namespace, kafka: KafkaService, scratch: Path, work: Workload, prefix: str,
+            rules: bool, name: str = "worker") -> Measured:
+    """Create the topics of `prefix`, pre-fill them with `work` (and, with payout rules, the FX
+    rates), run one worker over them with the partner file with or without payout rules, and
+    check every outcome."""
+    n = len(work.kind_of)
     topics = Topics(prefix)
-    n = args.postbacks
-    with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp, contextlib.ExitStack() as stack:
-        scratch = Path(tmp)
-        kafka = start_kafka(stack, settings, scratch, prefix)
-        ensure_topics(kafka.admin(), topics)
-        if args.logs_dir:  # also when the run fails: that is when the logs matter most
-            stack.callback(copy_logs, scratch, args.logs_dir)
+    ensure_topics(kafka.admin(), topics)
+    log(f"pre-filling {prefix}: {len(work.clicks_first):,} clicks, {n:,} raw postbacks "
+        f"({work.raw_bytes / n:.0f} B avg), then {len(work.clicks_last):,} late clicks ...")
+    prefill_s = produce_all(kafka.bootstrap_servers, topics, work)
+    raw_count = kafka.count(topics.raw_postbacks.name)
+    clicks_count = kafka.count(topics.clicks.name)
+    if raw_count != n or clicks_count != len(work.clicks_first) + len(work.clicks_last):
+        raise RuntimeError(f"pre-fill: {raw_count} raw postbacks and {clicks_count} clicks in Kafka")
+    log(f"pre-filled in {prefill_s:.1f}s")
+    if rules:
+        fx = fx_records(time.time())
+        produce_records(kafka.bootstrap_servers, [(topics.fx_rates.name, fx)], 60.0, 120)
+        log(f"published {len(fx)} FX rates ({', '.join(FX_RATES)}, {FX_DAYS + 1} days) to {topics.fx_rates.name}")
 
-        log(f"building {n:,} postbacks ({', '.join(f'{k}={v:g}' for k, v in args.mix.items())}) ...")
-        work = build_workload(n, args.mix, args.seed, prefix.rsplit("_", 1)[1])
-        log(f"pre-filling: {len(work.clicks_first):,} clicks, {n:,} raw postbacks "
-            f"({work.raw_bytes / n:.0f} B avg), then {len(work.clicks_last):,} late clicks ...")
-        prefill_s = produce_all(kafka.bootstrap_servers, topics, work)
-        raw_count = kafka.count(topics.raw_postbacks.name)
-        clicks_count = kafka.count(topics.clicks.name)
-        if raw_count != n or clicks_count != len(work.clicks_first) + len(work.clicks_last):
-            raise RuntimeError(f"pre-fill: {raw_count} raw postbacks and {clicks_count} clicks in Kafka")
-        log(f"pre-filled in {prefill_s:.1f}s")
+    partners = scratch / ("partners-payout-rules.toml" if rules else "partners.toml")
+    partners.write_text(payout_rules_toml(work) if rules else PARTNERS_TOML)
+    env = child_env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, POSTBACK_TOPIC_PREFIX=prefix,
+                    POSTBACK_CONFIG=str(partners))
+    worker_env = dict(env, **dict(args.worker_env))
 
-        partners = scratch / "partners.toml"
-        partners.write_text(PARTNERS_TOML)
-        env = child_env(KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap_servers, POSTBACK_TOPIC_PREFIX=prefix,
-                        POSTBACK_CONFIG=str(partners))
-        worker_env = dict(env, **dict(args.worker_env))
+    log(f"starting one worker ({'with' if rules else 'without'} payout rules, late-click-wait "
+        f"{args.late_click_wait:g}s), timing until {n:,} outcomes ...")
+    w = run_worker(args, kafka, topics, worker_env, scratch, work, name)
+    log("reading all outcomes back ...")
+    found = read_outcomes(kafka, topics)
+    details = check_outcomes(found, work)
+    log(f"outcomes {'correct' if details['correct'] else 'NOT correct'}: {details['outcomes']} "
+        f"(expected {details['expected']}; {details['repeated_identical_records']} identical repeats)")
+    payouts = check_payouts(found, work, rules)
+    log(f"payouts {'as expected' if payouts['correct'] else 'NOT as expected'}: {payouts['payout_status']}, "
+        f"reasons {payouts['payout_reason']}, fx {payouts['fx_status']}")
+    return Measured("rules" if rules else "none", topics, env, w, details, payouts, prefill_s)
 
-        log(f"starting one worker (late-click-wait {args.late_click_wait:g}s), timing until {n:,} outcomes ...")
-        w = run_worker(args, kafka, topics, worker_env, scratch, work)
-        log("reading all outcomes back ...")
-        found = read_outcomes(kafka, topics)
-        details = check_outcomes(found, work)
-        log(f"outcomes {'correct' if details['correct'] else 'NOT correct'}: {details['outcomes']} "
-            f"(expected {details['expected']}; {details['repeated_identical_records']} identical repeats)")
 
-        log("baseline: bare consume -> produce loop over the same raw postbacks ...")
-        baseline = run_baseline(args, kafka, topics, env, scratch, n)
-        faust_floor = None
-        if not args.no_faust_floor:
-            log(f"faust floor: a faust app that only reads the same raw postbacks ({args.faust_floor_mode}) ...")
-            faust_floor = run_faust_floor(args, kafka, topics, env, scratch, n)
-
+def worker_figures(args: argparse.Namespace, w: WorkerRun, n: int) -> dict[str, Any]:
     steady_s = w.elapsed_s - w.first_output_s if w.first_output_s is not None else None
     ready_to_done = w.elapsed_s - w.ready_s if w.ready_s is not None else None
-    worker = {
+    return {
         "events_per_s": round(n / w.elapsed_s, 1),
         "elapsed_s": round(w.elapsed_s, 3),
         "elapsed_from_first_output_s": None if steady_s is None else round(steady_s, 3),
@@ -612,38 +730,124 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "extra_env": dict(args.worker_env),
         "exit_code": w.exit_code,
     }
+
+
+def median_index(values: Sequence[float]) -> int:
+    """The index of the median value (the lower middle one for an even count), as `median_run` picks it."""
+    return sorted(range(len(values)), key=lambda i: values[i])[(len(values) - 1) // 2]
+
+
+def payout_rules_report(args: argparse.Namespace, runs: list[Measured], n: int) -> dict[str, Any]:
+    """`--payout-rules on|compare`: each worker run's figures and payouts; with compare, the median
+    run of each variant and `ratio_payout_rules_to_none` (rules events/s / none events/s)."""
+    rows = [dict(worker_figures(args, m.run, n), variant=m.label, topic_prefix=m.topics.prefix,
+                 correct=m.correct, outcomes_correct=m.details["correct"],
+                 uncommitted_when_done=m.run.uncommitted, payouts=m.payouts) for m in runs]
+    out: dict[str, Any] = {"mode": args.payout_rules, "goal_min_ratio": PAYOUT_RULES_GOAL_RATIO,
+                           "fx_rates": dict(FX_RATES), "reporting_currency": REPORTING_CURRENCY,
+                           "runs_in_order": rows}
+    by = {label: [r for r in rows if r["variant"] == label] for label in ("none", "rules")}
+    if by["rules"]:
+        out["rules"] = median_run(by["rules"])
+    if by["none"]:
+        out["none"] = median_run(by["none"])
+        none, rules = out["none"], out["rules"]
+        # Runs 2k and 2k+1 are one pair: adjacent in time, so host drift affects both alike.
+        pairs = [(a, b) if a["variant"] == "rules" else (b, a) for a, b in zip(rows[::2], rows[1::2])]
+        per_pair = [ratio(r["events_per_s"], z["events_per_s"]) for r, z in pairs]
+        out.update(
+            ratio_payout_rules_to_none=ratio(rules["events_per_s"], none["events_per_s"]),
+            ratio_payout_rules_to_none_from_first_output=ratio(rules["events_per_s_from_first_output"],
+                                                               none["events_per_s_from_first_output"]),
+            ratio_payout_rules_to_none_per_pair=spread([x for x in per_pair if x is not None]),
+            cpu_ms_per_event_ratio=ratio(rules["cpu_ms_per_event"], none["cpu_ms_per_event"]),
+        )
+        out["within_goal"] = (out["ratio_payout_rules_to_none"] or 0) >= PAYOUT_RULES_GOAL_RATIO
+    return out
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    host = host_info()
+    settings = Settings.from_env()
+    prefix = unique_name("bench")
+    n = args.postbacks
+    with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp, contextlib.ExitStack() as stack:
+        scratch = Path(tmp)
+        kafka = start_kafka(stack, settings, scratch, prefix)
+        if args.logs_dir:  # also when the run fails: that is when the logs matter most
+            stack.callback(copy_logs, scratch, args.logs_dir)
+
+        log(f"building {n:,} postbacks ({', '.join(f'{k}={v:g}' for k, v in args.mix.items())}) ...")
+        work = build_workload(n, args.mix, args.seed, prefix.rsplit("_", 1)[1])
+        runs: list[Measured] = []
+        if args.payout_rules == "compare":
+            from postback.partner_loader import parse_partner_config
+
+            parse_partner_config(payout_rules_toml(work), "payout rules")  # a bad file fails before any run
+            # The same records under a fresh topic prefix (so a fresh consumer group and state) per run;
+            # the prefixes start with the run's, so an external cluster's cleanup deletes them too. The
+            # order alternates per pair (none, rules), (rules, none), ... against drift of the host.
+            for k in range(args.payout_rules_runs):
+                for label in (("none", "rules") if k % 2 == 0 else ("rules", "none")):
+                    log(f"comparison run {k + 1}/{args.payout_rules_runs}: {label} ...")
+                    runs.append(measure(args, kafka, scratch, work, f"{prefix}-{label}{k + 1}", label == "rules",
+                                        f"worker-{label}-{k + 1}"))
+            nones = [m for m in runs if m.label == "none"]
+            main = nones[median_index([n / m.run.elapsed_s for m in nones])]
+        else:
+            main = measure(args, kafka, scratch, work, prefix, args.payout_rules == "on")
+            runs.append(main)
+        topics, env, w, details = main.topics, main.env, main.run, main.details
+
+        log("baseline: bare consume -> produce loop over the same raw postbacks ...")
+        baseline = run_baseline(args, kafka, topics, env, scratch, n)
+        faust_floor = None
+        if not args.no_faust_floor:
+            log(f"faust floor: a faust app that only reads the same raw postbacks ({args.faust_floor_mode}) ...")
+            faust_floor = run_faust_floor(args, kafka, topics, env, scratch, n)
+
+    worker = worker_figures(args, w, n)
     base, floor = baseline or {}, faust_floor or {}
     details.update({
         "counts": work.counts,
         "kafka": kafka.provider,
-        "topic_prefix": prefix,
+        "topic_prefix": topics.prefix,
         "seed": args.seed,
         "raw_record_bytes_avg": round(work.raw_bytes / n, 1),
         "clicks": {"before_postbacks": len(work.clicks_first), "after_postbacks": len(work.clicks_last)},
-        "prefill_s": round(prefill_s, 2),
+        "prefill_s": round(main.prefill_s, 2),
         "ratio_from_first_output": ratio(worker["events_per_s_from_first_output"],
                                               base.get("events_per_s_from_first_record")),
         "ratio_to_faust_floor_from_first_output": ratio(worker["events_per_s_from_first_output"],
                                                              floor.get("events_per_s_from_first_record")),
         "outputs_when_timed": w.outputs_at_done,
-        "progress_columns": ["s_since_start", "outcomes", "internal_dedupe_records", "internal_attribute_records"],
+        "progress_columns": ["s_since_start", "outcomes", "internal_dedupe_records", "internal_attribute_records",
+                             "internal_commission_records"],
         "progress": thin(w.progress, 1.0),
         "uncommitted_when_done": w.uncommitted,
+        "payouts": main.payouts,
         "goal_events_per_s": 10_000,
     })
     if w.profile is not None:
         details["profile"] = w.profile
-    return {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
-            "ratio": ratio(worker["events_per_s"], base.get("events_per_s")), "faust_floor": faust_floor,
-            "ratio_to_faust_floor": ratio(worker["events_per_s"], floor.get("events_per_s")),
-            "correct": details["correct"] and committed_to_the_end(w.uncommitted),
-            "details": details, "host": host}
+    report = {"benchmark": "process", "postbacks": n, "mix": args.mix, "worker": worker, "baseline": baseline,
+              "ratio": ratio(worker["events_per_s"], base.get("events_per_s")), "faust_floor": faust_floor,
+              "ratio_to_faust_floor": ratio(worker["events_per_s"], floor.get("events_per_s")),
+              "correct": all(m.correct for m in runs),
+              "details": details, "host": host}
+    if args.payout_rules != "off":
+        report["payout_rules"] = payout_rules_report(args, runs, n)
+        report["worker_exit_codes"] = [m.run.exit_code for m in runs]
+        if args.payout_rules == "compare":
+            report["ratio_payout_rules_to_none"] = report["payout_rules"]["ratio_payout_rules_to_none"]
+    return report
 
 
 def copy_logs(scratch: Path, logs_dir: Path) -> None:
     logs_dir.mkdir(parents=True, exist_ok=True)
-    restarts = sorted(p.name for p in scratch.glob("worker-restart-*.log"))
-    for name in ("worker.log", *restarts, "baseline.log", "faust-floor.log", "py-spy.txt", "py-spy.log"):
+    others = sorted(p.name for p in scratch.glob("worker-*.log"))  # restarts, --payout-rules compare runs
+    for name in ("worker.log", *others, "baseline.log", "faust-floor.log", "py-spy.txt", "py-spy.log",
+                 "partners.toml", "partners-payout-rules.toml"):
         if (scratch / name).exists():
             shutil.copy(scratch / name, logs_dir / name)
     log(f"logs copied to {logs_dir}")
@@ -680,9 +884,36 @@ def summary(report: dict[str, Any]) -> str:
         f"{d['repeated_identical_records']} identical repeats; attribution {d['attribution']}",
         f"uncommitted by the processor group when done: {d['uncommitted_when_done']} "
         f"({'at the end' if committed_to_the_end(d['uncommitted_when_done']) else 'NOT at the end: FAILED'})",
+        f"payouts: {d['payouts']['payout_status']} -> {'OK' if d['payouts']['correct'] else 'FAILED'}",
     ]
+    if "payout_rules" in report:
+        lines += payout_rules_lines(report["payout_rules"])
     lines += profile_lines(d)
     return "\n".join(lines)
+
+
+def payout_rules_lines(p: dict[str, Any]) -> list[str]:
+    """The summary's part for --payout-rules on|compare."""
+    lines = ["", f"payout rules ({p['mode']}): worker runs in order",
+             "| variant | events/s from start | events/s from first output | CPU ms/event | correct | payout_status |",
+             "|---|---:|---:|---:|---|---|"]
+    for r in p["runs_in_order"]:
+        lines.append(f"| {r['variant']} ({r['topic_prefix'].rsplit('-', 1)[-1]}) | {r['events_per_s']:,.0f} | "
+                     f"{r['events_per_s_from_first_output'] or 0:,.0f} | {r['cpu_ms_per_event']} | "
+                     f"{'OK' if r['correct'] else 'FAILED'} | {r['payouts']['payout_status']} |")
+    if "ratio_payout_rules_to_none" in p:
+        none, rules, pair = p["none"], p["rules"], p["ratio_payout_rules_to_none_per_pair"]
+        lines += [
+            "",
+            f"median of {none['runs']}: without payout rules {none['events_per_s']:,.0f} postbacks/s, "
+            f"{none['cpu_ms_per_event']} CPU ms/postback; with payout rules {rules['events_per_s']:,.0f} "
+            f"postbacks/s, {rules['cpu_ms_per_event']} CPU ms/postback",
+            f"ratio_payout_rules_to_none {p['ratio_payout_rules_to_none']} (from first output: "
+            f"{p['ratio_payout_rules_to_none_from_first_output']}; per pair min {pair.get('min')}, max "
+            f"{pair.get('max')}); CPU ms/postback ratio {p['cpu_ms_per_event_ratio']}; goal >= "
+            f"{p['goal_min_ratio']}: {'met' if p['within_goal'] else 'NOT met'}",
+        ]
+    return lines
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -727,6 +958,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the worker only, repeatable; for what-if runs with faust "
                              "settings, e.g. PRODUCER_LINGER=0.005 (recorded in worker.extra_env)")
+    parser.add_argument("--payout-rules", choices=PAYOUT_RULES_MODES, default="off",
+                        help="off: the partner file without payout rules (default); on: with payout rules, caps, a "
+                             "tier, a quality rule and affiliates on the offer, and FX rates in the fx-rates topic; "
+                             "compare: the worker over the same records without and with them, each run under a "
+                             "fresh topic prefix, and ratio_payout_rules_to_none = events/s with / without "
+                             "(the baseline and the faust floor run once, over the records of a run without)")
+    parser.add_argument("--payout-rules-runs", type=positive_int, default=3, metavar="K",
+                        help="with --payout-rules compare: pairs of worker runs (without, with; then with, "
+                             "without; ...); the median run of each is compared (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
                         help="give up when the worker, the baseline or the faust floor takes longer (default "
@@ -739,13 +979,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "copy the worker's (and each restarted worker's), the baseline's and the faust floor's logs (and "
                     "py-spy's raw output) here")
     args = parser.parse_args(argv)
+    if args.payout_rules == "compare" and args.profile:
+        parser.error("--profile samples one worker run: use it with --payout-rules off or on, not compare")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return run_and_report(lambda: benchmark(args), args.json_out, summary,
-                          lambda report: report["correct"] and report["worker"]["exit_code"] == 0)
+                          lambda report: report["correct"] and report["worker"]["exit_code"] == 0
+                          and not any(report.get("worker_exit_codes", ())))
 
 
 if __name__ == "__main__":
