@@ -262,7 +262,7 @@ def recompute_fx(conversion_id: str, partners: PartnerConfig, state: MutableMapp
             return None
         return {**conversion, **_decode(rec), "processed_at_ms": prev["bf"]}  # this backfill again
 
-    scratch = _Scratch(state)  # written to state only when the result is complete
+    scratch = StateOverlay(state)  # written to state only when the result is complete
     if _held_for_fx(rec):
         _undo(scratch, prev, conversion_id)
         engine = _engine(conversion, partners, scratch, fx, now_ms, prev)
@@ -350,8 +350,14 @@ def _fill_fx(engine: _Engine, prev: dict[str, Any], cid: str) -> tuple[dict[str,
     return fields, effects
 
 
-class _Scratch(MutableMapping[str, Any]):
-    """Writes kept apart from ``base`` until ``commit()``: a recomputation that cannot finish leaves no trace."""
+class StateOverlay(MutableMapping[str, Any]):
+    """Writes kept apart from ``base`` until ``commit()``, which writes each key once.
+
+    Two uses: a recomputation that cannot finish leaves no trace (``recompute_fx``); and
+    the commission stage decides a whole envelope of conversions on one overlay, so a
+    counter that every conversion of an offer touches (its daily cap, say) costs one table
+    write, and one changelog record, per envelope instead of one per conversion.
+    """
 
     def __init__(self, base: MutableMapping[str, Any]) -> None:
         self.base = base

@@ -33,7 +33,7 @@ from postback.config import ProcessOptions
 from postback.partners import DEFAULT_DEDUPE_HORIZON_DAYS, PartnerConfig
 from postback.fx import FxRates
 from processors import stages
-from processors.commission import commission, recompute_fx
+from processors.commission import StateOverlay, commission, recompute_fx
 from processors.metrics import ProcessorMetrics
 from processors.pending_index import PendingIndex
 from processors.runtime.publish import decode_envelope
@@ -156,15 +156,19 @@ class StageHandlers:
         if event.key == TICK:
             return []
         outputs: list[stages.Output] = []
+        # One overlay per envelope: a key every conversion touches (an offer's cap counters)
+        # is written to the table, and its changelog, once per envelope, not once per conversion.
+        state = StateOverlay(self.commission_table)
         for record in decode_envelope(event.value):
             if BACKFILL in record:
                 cid = record[BACKFILL]
-                again = recompute_fx(cid, self.partners, self.commission_table, self.fx, now)
+                again = recompute_fx(cid, self.partners, state, self.fx, now)
                 if again is not None:
                     outputs.append(stages.Output("conversion", cid, again))
                 continue
             outputs.append(stages.Output("conversion", record["conversion_id"],
-                                         commission(record, self.partners, self.commission_table, self.fx, now)))
+                                         commission(record, self.partners, state, self.fx, now)))
+        state.commit()
         return outputs
 
     def _expire_pending(self, partition: int, now: int, tick_id: str) -> list[stages.Output]:
