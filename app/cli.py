@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from app import demo
-    from app.commands import fx, ingest, partners, process, run, sign, sink, stack
+    from app.commands import fx, ingest, outbound, partners, process, run, sign, sink, stack
 
     stack.register(sub)
     ingest.register(sub)
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     partners.register(sub)
     fx.register(sub)
+    outbound.register(sub)
     return parser
 
 

@@ -148,3 +148,32 @@ class SinkOptions:
     #: Fault injection for tests: die (exit 86) after the first insert, before committing offsets.
     #: Set from POSTBACK_SINK_FAULT=crash-after-insert; never set in production.
     crash_after_insert: bool = False
+
+
+@dataclass(frozen=True)
+class OutboundOptions:
+    """Tuning of the delivery service; `postback outbound run` flags map onto these."""
+
+    #: Pause the retry topic while this many not-yet-due jobs are held in memory (resume below half).
+    max_delayed: int = 10_000
+    #: An endpoint with this many jobs waiting gets its new conversion jobs parked on the retry topic
+    #: (due after `overflow_delay_s`) instead of in memory.
+    max_lane_jobs: int = 2_000
+    overflow_delay_s: float = 60.0
+    #: Last resort: pause the conversions topic while this many jobs wait in ready queues in all
+    #: (resume below half).
+    max_ready: int = 50_000
+    #: Offsets of settled messages are committed this often (and at shutdown).
+    commit_interval_s: float = 1.0
+    #: An endpoint is reported failing once this many consecutive attempts failed.
+    failing_after: int = 5
+    #: On SIGTERM, in-flight attempts get this long to finish and settle.
+    shutdown_grace_s: float = 15.0
+    session_timeout_s: float = 10.0
+    #: Where a consumer group without a committed offset starts reading conversions:
+    #: "earliest" (every retained conversion is delivered) or "latest" (only new ones).
+    conversions_start: str = "earliest"
+    #: Prometheus metrics on 127.0.0.1:PORT (0 = off).
+    metrics_port: int = 0
+    #: How long an unacknowledged settling record is retried before it counts as failed (then again).
+    delivery_timeout_s: float = 10.0

@@ -150,6 +150,48 @@ All tables are optional; an empty file is a valid configuration with no partners
     amount = "7.50"
     currency = "EUR"
 
+    # Outbound postbacks: conversions of this affiliate are sent on to its server.
+    # One table per endpoint; the name (^[A-Za-z0-9_.-]{1,64}$) is part of the
+    # endpoint id "aff-1/main". A conversion goes to every endpoint whose filters it
+    # passes; retries are per endpoint.
+    [affiliates.aff-1.postbacks.main]
+    # Required. Absolute http(s) URL with a host, no user info. Macros (after the host
+    # only): {click_id} {sub1}..{sub5} {offer_id} {event} {status} {payout}
+    # {payout_currency} {order_id} {conversion_id} {version} {event_time}
+    # {idempotency_key}; values are percent-encoded per RFC 3986, missing ones become
+    # "". {event_time} is ISO-8601 UTC, {payout} decimal text, {idempotency_key}
+    # "<conversion_id>:<version>". Any other macro, a format spec or conversion, or a
+    # macro in the scheme or host is a load error. Write a literal brace as {{ or }}.
+    url = "https://aff.example/pb?cid={click_id}&p={payout}&cur={payout_currency}&s={status}"
+    # "GET" (default): the rendered URL. "POST": the rendered URL with a JSON body of
+    # every macro's value (sorted keys). Upper case.
+    method = "GET"
+    # Optional filters; absent means all, an empty array is a load error.
+    offers = ["offer-1"]              # configured offer ids
+    events = ["purchase", "refund"]   # canonical events (or "custom:<name>")
+    statuses = ["approved", "rejected"]   # approved | pending | rejected
+    # Optional HMAC secret (at least 16 characters): requests are signed as
+    # docs/signing.md describes (GET: ts and sig appended to the query, so the URL may
+    # not carry ts, kid or sig itself; POST: X-Postback-Timestamp and
+    # X-Postback-Signature over the body). Never logged: URLs are recorded redacted.
+    secret = "..."
+    timeout_s = 10                    # per attempt, seconds; default 10, 0.1..120
+    max_concurrency = 4               # requests in flight to this endpoint; default 4, 1..64
+    rate_per_s = 20                   # requests per second (token bucket); default 20, > 0 (at most 10000)
+    # Delays before attempt 2, 3, ... (seconds, each > 0 and at most 604800, not
+    # empty); after the schedule, attempts are 21600 s apart. Default below.
+    retry_schedule_s = [60, 300, 900, 3600]
+    # No attempt later than this after the first one; then the job is dead-lettered.
+    # Default 259200 (3 days), 0..2592000.
+    give_up_after_s = 259200
+    # Allow loopback, private, link-local and cloud metadata targets (for tests and
+    # in-house receivers only). Default false: such targets are refused, also when a
+    # name resolves to one, at connect time as well.
+    allow_private = false
+    # Follow 3xx redirects (each hop checked like the URL). Default false: a redirect
+    # is a failed attempt.
+    follow_redirects = false
+
 A commented, loadable example lives in ``deploy/partners.example.toml``.
 """
 
@@ -165,10 +207,17 @@ from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from postback.landing_url import check_template
 from postback.partner_model import (
+    DEFAULT_GIVE_UP_AFTER_S,
+    DEFAULT_OUTBOUND_MAX_CONCURRENCY,
+    DEFAULT_OUTBOUND_RATE_PER_S,
+    DEFAULT_OUTBOUND_TIMEOUT_S,
+    DEFAULT_RETRY_SCHEDULE_S,
+    OUTBOUND_METHODS,
     AFFILIATE_STATUSES,
     AUTH_MODES,
     CANONICAL_EVENTS,
@@ -187,11 +236,13 @@ from postback.partner_model import (
     Caps,
     IPNetwork,
     Offer,
+    OutboundEndpoint,
     PartnerConfig,
     PartnerConfigError,
     PayoutRule,
     Quality,
     Tier,
+    check_outbound_url,
     is_canonical_event,
 )
 
@@ -220,7 +271,12 @@ _MAP_KEYS = ("aliases", "event_map", "status_map", "defaults")
 _OFFER_KEYS = ("advertiser_id", "landing_url", "attribution_window_days", "attribution_windows",
                "payouts", "caps", "affiliate_caps", "quality", "clawback_days")
 _ACCOUNT_KEYS = ("reporting_currency", "timezone")
-_AFFILIATE_KEYS = ("name", "status", "payouts")
+_AFFILIATE_KEYS = ("name", "status", "payouts", "postbacks")
+_POSTBACK_KEYS = ("url", "method", "offers", "events", "statuses", "secret", "timeout_s",
+                  "max_concurrency", "rate_per_s", "retry_schedule_s", "give_up_after_s",
+                  "allow_private", "follow_redirects")
+#: Query parameters the signing of a GET postback appends.
+_SIGNING_PARAMS = ("ts", "kid", "sig")
 _RULE_KEYS = ("type", "amount", "currency", "percent", "tiers")
 _TIER_KEYS = ("min_approved", "amount", "percent")
 _CAPS_KEYS = ("daily_conversions", "monthly_conversions", "daily_payout", "monthly_payout", "on_cap")
@@ -737,7 +793,111 @@ class _Reader:
             for ev, body in self.table(rules, op).items():
                 self.event(ev, op, "payout event ")
                 payouts[offer_id][ev] = self.payout_rule(body, _join(op, ev))
-        return Affiliate(affiliate_id=aff_id, name=name, status=status, payouts=payouts)
+        p = _join(path, "postbacks")
+        postbacks: dict[str, OutboundEndpoint] = {}
+        for ep_name, body in self.table(t.get("postbacks", {}), p).items():
+            ep_path = _join(p, ep_name)
+            self.ident(ep_name, ep_path, "postback endpoint name")
+            postbacks[ep_name] = self.postback(aff_id, ep_name, body, ep_path, offers)
+        return Affiliate(affiliate_id=aff_id, name=name, status=status, payouts=payouts,
+                         postbacks=postbacks)
+
+    # ---- outbound postbacks
+
+    def number(self, value: Any, path: str, lo: float, hi: float, lo_open: bool = False) -> float:
+        """An int or float within [lo, hi] (or (lo, hi] with ``lo_open``)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(path, f"must be a number, got {_type_name(value)}")
+        if value != value or not (lo < value if lo_open else lo <= value) or value > hi:
+            bound = f"greater than {lo} and at most {hi}" if lo_open else f"between {lo} and {hi}"
+            raise self.fail(path, f"must be {bound}, got {value}")
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"must be true or false, got {_type_name(value)}")
+        return value
+
+    def filter_list(self, t: Mapping[str, Any], key: str, path: str) -> list[str]:
+        if key not in t:
+            return []
+        p = _join(path, key)
+        items = self.string_list(t[key], p)
+        if not items:
+            raise self.fail(p, "is empty, so nothing would be sent; omit it to send every "
+                               f"{key[:-1] if key != 'statuses' else 'status'}")
+        if len(set(items)) != len(items):
+            raise self.fail(p, "lists a value more than once")
+        return items
+
+    def postback(self, aff_id: str, name: str, value: Any, path: str,
+                 offers: Mapping[str, Offer]) -> OutboundEndpoint:
+        t = self.table(value, path)
+        self.check_keys(t, path, _POSTBACK_KEYS)
+
+        p = _join(path, "url")
+        if "url" not in t:
+            raise self.fail(p, "required: the affiliate's postback URL template")
+        url = self.string(t["url"], p)
+        try:
+            check_outbound_url(url)
+        except ValueError as e:
+            raise self.fail(p, str(e)) from e
+
+        p = _join(path, "method")
+        method = self.string(t.get("method", "GET"), p)
+        if method not in OUTBOUND_METHODS:
+            hint = [m for m in OUTBOUND_METHODS if m == method.upper()]
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise self.fail(p, f"unknown method {method!r}{did_you_mean}; allowed: {', '.join(OUTBOUND_METHODS)}")
+
+        offer_ids = self.filter_list(t, "offers", path)
+        for offer_id in offer_ids:
+            if offer_id not in offers:
+                known = ", ".join(offers) or "none configured"
+                raise self.fail(_join(path, "offers"), f"unknown offer {offer_id!r} (known: {known})")
+        events = self.filter_list(t, "events", path)
+        for ev in events:
+            self.event(ev, _join(path, "events"), "")
+        statuses = self.filter_list(t, "statuses", path)
+        for st in statuses:
+            if st not in STATUSES:
+                raise self.fail(_join(path, "statuses"), f"{st!r} is not a status; use one of {', '.join(STATUSES)}")
+
+        secret: str | None = None
+        if "secret" in t:
+            secret = self.secret(t["secret"], _join(path, "secret"), "secret")
+            if method == "GET":
+                query = urlsplit(url).query
+                sent = {unquote_plus(part.split("=", 1)[0]) for part in query.split("&") if part}
+                clash = [k for k in _SIGNING_PARAMS if k in sent]
+                if clash:
+                    raise self.fail(_join(path, "url"), f"carries {clash[0]!r}, which signing appends "
+                                                        "(ts and sig); remove it from the URL")
+
+        timeout_s = self.number(t.get("timeout_s", DEFAULT_OUTBOUND_TIMEOUT_S), _join(path, "timeout_s"), 0.1, 120)
+        concurrency = self.integer(t.get("max_concurrency", DEFAULT_OUTBOUND_MAX_CONCURRENCY),
+                                   _join(path, "max_concurrency"), 1, 64)
+        rate = self.number(t.get("rate_per_s", DEFAULT_OUTBOUND_RATE_PER_S), _join(path, "rate_per_s"),
+                           0, 10_000, lo_open=True)
+        p = _join(path, "retry_schedule_s")
+        schedule_v = t.get("retry_schedule_s", list(DEFAULT_RETRY_SCHEDULE_S))
+        if not isinstance(schedule_v, list):
+            raise self.fail(p, f"must be an array of numbers (seconds), got {_type_name(schedule_v)}")
+        if not schedule_v:
+            raise self.fail(p, "must list at least one delay (seconds before attempt 2)")
+        schedule = tuple(self.number(d, f"{p}[{i}]", 0, 604_800, lo_open=True)
+                         for i, d in enumerate(schedule_v))
+        give_up = self.number(t.get("give_up_after_s", DEFAULT_GIVE_UP_AFTER_S),
+                              _join(path, "give_up_after_s"), 0, 2_592_000)
+        allow_private = self.boolean(t.get("allow_private", False), _join(path, "allow_private"))
+        follow = self.boolean(t.get("follow_redirects", False), _join(path, "follow_redirects"))
+        return OutboundEndpoint(
+            affiliate_id=aff_id, name=name, url=url, method=method, offers=tuple(offer_ids),
+            events=tuple(events), statuses=tuple(statuses), secret=secret, timeout_s=timeout_s,
+            max_concurrency=concurrency, rate_per_s=rate, retry_schedule_s=schedule,
+            give_up_after_s=give_up, allow_private=allow_private, follow_redirects=follow,
+        )
 
     def landing_url(self, value: Any, path: str) -> str:
         url = self.string(value, path)

@@ -13,6 +13,10 @@ The commission side (``Account``, ``Affiliate``, ``PayoutRule``, ``Tier``, ``Cap
 ``Quality`` and the offer's payout fields) is configuration only: the engine that applies
 it is ``processors.commission``. Money is ``Decimal`` throughout, never a float.
 
+Outbound postbacks (``OutboundEndpoint``, ``Affiliate.postbacks``,
+``PartnerConfig.endpoints_for``) are configuration only as well: the URL macros are
+rendered by ``sinks.outbound.template`` and requests are sent by ``sinks.outbound``.
+
 This module is the model and its lookups; the TOML file format and the loader that
 validates it are in ``postback.partner_loader``, offer landing URL templates in
 ``postback.landing_url``. Import all of them from ``postback.partners``.
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 from postback.landing_url import render_template
 
@@ -37,6 +43,8 @@ __all__ = [
     "DEFAULT_CLAWBACK_DAYS",
     "DEFAULT_ONE_TIME_EVENTS",
     "ON_CAP_ACTIONS",
+    "OUTBOUND_MACROS",
+    "OUTBOUND_METHODS",
     "PAYOUT_KINDS",
     "STATUSES",
     "Account",
@@ -44,12 +52,15 @@ __all__ = [
     "Affiliate",
     "Caps",
     "Offer",
+    "OutboundEndpoint",
     "PayoutRule",
     "Quality",
     "Tier",
     "PartnerConfig",
     "PartnerConfigError",
+    "check_outbound_url",
     "is_canonical_event",
+    "parse_outbound_url",
 ]
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,6 +85,22 @@ ON_CAP_ACTIONS: tuple[str, ...] = ("hold", "reject")
 AFFILIATE_STATUSES: tuple[str, ...] = ("active", "paused")
 DEFAULT_CLAWBACK_DAYS = 30
 
+#: Macros an outbound postback URL may use (rendered by ``sinks.outbound.template``).
+OUTBOUND_MACROS: frozenset[str] = frozenset({
+    "click_id", "sub1", "sub2", "sub3", "sub4", "sub5", "offer_id", "event", "status",
+    "payout", "payout_currency", "order_id", "conversion_id", "version", "event_time",
+    "idempotency_key",
+})
+#: HTTP methods of an outbound postback: GET (macros in the URL) or POST (JSON body).
+OUTBOUND_METHODS: tuple[str, ...] = ("GET", "POST")
+DEFAULT_OUTBOUND_TIMEOUT_S = 10.0
+DEFAULT_OUTBOUND_MAX_CONCURRENCY = 4
+DEFAULT_OUTBOUND_RATE_PER_S = 20.0
+DEFAULT_RETRY_SCHEDULE_S: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0)
+#: Delay between attempts once ``retry_schedule_s`` is used up.
+RETRY_TAIL_S = 21_600.0
+DEFAULT_GIVE_UP_AFTER_S = 259_200.0
+
 DEFAULT_TIMESTAMP_TOLERANCE_S = 300
 DEFAULT_DEDUPE_HORIZON_DAYS = 90
 DEFAULT_ATTRIBUTION_WINDOW_DAYS = 30
@@ -91,6 +118,66 @@ def is_canonical_event(name: str) -> bool:
         return True
     return (isinstance(name, str) and name.startswith(_CUSTOM_PREFIX)
             and _CUSTOM_NAME_RE.fullmatch(name[len(_CUSTOM_PREFIX):]) is not None)
+
+
+# Stands in for macros while the URL's scheme and host are checked (cannot occur in a
+# checked template: non-ASCII is rejected).
+_MACRO_MARK = "\ue000"
+
+
+def parse_outbound_url(url: str) -> list[tuple[str, str | None]]:
+    """Split an outbound URL template into (literal, macro-or-None) pieces.
+
+    Raises ValueError with a readable reason for malformed braces, positional or
+    unknown macros, and format specs or conversions. Write a literal brace as {{ or }}.
+    """
+    pieces: list[tuple[str, str | None]] = []
+    try:
+        parsed = list(string.Formatter().parse(url))
+    except ValueError as e:
+        raise ValueError(f"malformed braces ({e}); write a literal brace as {{{{ or }}}}") from None
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            pieces.append((literal, None))
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("empty or positional macro '{}'; use a named macro")
+        if name not in OUTBOUND_MACROS:
+            raise ValueError(f"unknown macro {{{name}}}; allowed: "
+                             + " ".join(f"{{{m}}}" for m in sorted(OUTBOUND_MACROS)))
+        if spec or conversion:
+            raise ValueError(f"macro {{{name}}} may not have a format spec or conversion")
+        pieces.append((literal, name))
+    return pieces
+
+
+def check_outbound_url(url: str) -> None:
+    """Raise ValueError, with a reason fit for a load error, unless ``url`` is a usable outbound template.
+
+    An absolute http(s) URL with a host and no user info; macros only after the host.
+    """
+    if not url:
+        raise ValueError("must not be empty")
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in url):
+        raise ValueError("must not contain whitespace, control or non-ASCII characters "
+                         "(percent-encode them)")
+    pieces = parse_outbound_url(url)
+    sample = "".join(lit + (_MACRO_MARK if name else "") for lit, name in pieces)
+    try:
+        parts = urlsplit(sample)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as e:
+        raise ValueError(f"is not a valid URL: {e}") from None
+    if _MACRO_MARK in parts.scheme or _MACRO_MARK in parts.netloc:
+        raise ValueError("macros are only allowed after the host (in the path, query or fragment)")
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"must be an absolute http(s) URL, got scheme {parts.scheme!r}"
+                         if parts.scheme else "must be an absolute http(s) URL")
+    if not hostname:
+        raise ValueError("must include a host")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry user info (user:password@); sign with 'secret' instead")
 
 
 class PartnerConfigError(ValueError):
@@ -199,24 +286,96 @@ class Quality:
     max_conversions_per_click: int | None = None
 
 
+def _text(value: Any) -> str | None:
+    """A conversion field as text for matching (enum symbols by value), or None."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+@dataclass(frozen=True)
+class OutboundEndpoint:
+    """One affiliate postback endpoint: where, how and which conversions are sent to it.
+
+    Empty ``offers``/``events``/``statuses`` mean "all". ``secret`` (never in ``repr``)
+    signs requests as docs/signing.md describes: GET gets ``ts`` and ``sig`` appended to
+    the query, POST gets the ``X-Postback-*`` headers over its JSON body.
+    ``retry_schedule_s[i]`` is the delay before attempt ``i + 2``; after the schedule,
+    attempts are ``RETRY_TAIL_S`` apart, until ``give_up_after_s`` after the first one.
+    Instances from the loader satisfy the file-format rules; direct construction only
+    normalises the containers.
+    """
+
+    affiliate_id: str
+    name: str
+    url: str
+    method: str = "GET"
+    offers: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+    secret: str | None = field(default=None, repr=False)
+    timeout_s: float = DEFAULT_OUTBOUND_TIMEOUT_S
+    max_concurrency: int = DEFAULT_OUTBOUND_MAX_CONCURRENCY
+    rate_per_s: float = DEFAULT_OUTBOUND_RATE_PER_S
+    retry_schedule_s: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE_S
+    give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S
+    allow_private: bool = False
+    follow_redirects: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("offers", "events", "statuses"):
+            set_(self, name, tuple(getattr(self, name)))
+        set_(self, "retry_schedule_s", tuple(float(d) for d in self.retry_schedule_s))
+
+    @property
+    def endpoint_id(self) -> str:
+        """``<affiliate_id>/<name>``: the key of retry and dead-letter jobs."""
+        return f"{self.affiliate_id}/{self.name}"
+
+    @property
+    def signed(self) -> bool:
+        """Whether requests to this endpoint are signed."""
+        return self.secret is not None
+
+    def matches(self, conversion: Mapping[str, Any]) -> bool:
+        """Whether ``conversion`` is for this endpoint's affiliate and passes its filters."""
+        if _text(conversion.get("affiliate_id")) != self.affiliate_id:
+            return False
+        for allowed, key in ((self.offers, "offer_id"), (self.events, "event"),
+                             (self.statuses, "status")):
+            if allowed and _text(conversion.get(key)) not in allowed:
+                return False
+        return True
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """The delay before ``attempt`` (2 is the first retry); ValueError below 2."""
+        if attempt < 2:
+            raise ValueError(f"attempt {attempt} is not a retry (attempts start at 1)")
+        i = attempt - 2
+        return self.retry_schedule_s[i] if i < len(self.retry_schedule_s) else RETRY_TAIL_S
+
+
 @dataclass(frozen=True)
 class Affiliate:
-    """One affiliate (publisher): display name, status and per-offer, per-event payout overrides.
+    """One affiliate (publisher): display name, status, per-offer, per-event payout overrides, postbacks.
 
     ``payouts`` maps offer_id -> event -> PayoutRule; an override wins over the offer's rule
-    for that event.
+    for that event. ``postbacks`` maps an endpoint name -> OutboundEndpoint, in file order.
     """
 
     affiliate_id: str
     name: str = ""
     status: str = "active"
     payouts: Mapping[str, Mapping[str, PayoutRule]] = field(default_factory=dict)
+    postbacks: Mapping[str, OutboundEndpoint] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", self.affiliate_id)
         object.__setattr__(self, "payouts", MappingProxyType(
             {offer_id: _freeze_map(rules) for offer_id, rules in (self.payouts or {}).items()}))
+        object.__setattr__(self, "postbacks", _freeze_map(self.postbacks))
 
     @property
     def paused(self) -> bool:
@@ -456,3 +615,15 @@ class PartnerConfig:
         if affiliate_id is None:
             return None
         return self.affiliates.get(affiliate_id)
+
+    def endpoints_for(self, conversion: Mapping[str, Any]) -> list[OutboundEndpoint]:
+        """The outbound endpoints ``conversion`` is sent to, in file order.
+
+        Those of its affiliate (``affiliate_id``) whose offer, event and status filters it
+        passes; none for a conversion without a configured affiliate. A paused affiliate's
+        endpoints still match (its conversions arrive held, i.e. with their status).
+        """
+        aff = self.affiliate(_text(conversion.get("affiliate_id")))
+        if aff is None:
+            return []
+        return [ep for ep in aff.postbacks.values() if ep.matches(conversion)]

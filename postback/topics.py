@@ -81,6 +81,12 @@ _LAYOUT: tuple[tuple[str, tuple[str, str, int, str, bool, int | None]], ...] = (
                               7 * _DAY_MS)),
     # Daily FX rates into the reporting currency; the latest value per currency and day wins.
     ("fx_rates", ("fx-rates", "currency|date", 1, "FxRate", True, None)),
+    # Outbound postbacks to affiliates (sinks/outbound/delivery.py): jobs waiting for their next attempt,
+    # jobs given up on (with a reason), and one OutboundDelivery record per attempt.
+    ("outbound_retry", ("outbound-retry", "endpoint_id", 6, "internal-json", False, 7 * _DAY_MS)),
+    ("outbound_dead", ("outbound-dead", "endpoint_id", 3, "internal-json", False, 30 * _DAY_MS)),
+    ("outbound_deliveries", ("outbound-deliveries", "conversion_id", 3, "OutboundDelivery", False,
+                             30 * _DAY_MS)),
 )
 
 
@@ -102,6 +108,9 @@ class Topics:
     processor_attribute: TopicSpec = field(init=False)
     processor_commission: TopicSpec = field(init=False)
     fx_rates: TopicSpec = field(init=False)
+    outbound_retry: TopicSpec = field(init=False)
+    outbound_dead: TopicSpec = field(init=False)
+    outbound_deliveries: TopicSpec = field(init=False)
 
     def __post_init__(self) -> None:
         for attr, (suffix, key, partitions, schema, compacted, retention_ms) in _LAYOUT:
@@ -130,6 +139,11 @@ class Topics:
     def sink_lifecycle_group(self) -> str:
         """The lifecycle router's consumer group."""
         return f"{self.prefix}-sink-lifecycle"
+
+    @property
+    def outbound_group(self) -> str:
+        """The outbound delivery service's consumer group (reads conversions and outbound-retry)."""
+        return f"{self.prefix}-outbound"
 
 
 def ensure_topics(

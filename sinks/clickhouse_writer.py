@@ -34,7 +34,8 @@ from sinks.rows import COLUMNS, ROWS_BY_SCHEMA
 
 log = logging.getLogger("sinks.clickhouse")
 
-INSERT_ORDER = ("fx_rates", "clicks", "conversions", "rejections", "duplicates", "postback_outcomes")
+INSERT_ORDER = ("fx_rates", "clicks", "conversions", "rejections", "duplicates", "outbound_deliveries",
+                "postback_outcomes")
 
 
 class SinkMetrics:
@@ -98,7 +99,7 @@ class ClickHouseWriter:
 
     def run(self, stop: threading.Event) -> None:
         names = [self.topics.conversions.name, self.topics.clicks.name, self.topics.rejections.name,
-                 self.topics.duplicates.name, self.topics.fx_rates.name]
+                 self.topics.duplicates.name, self.topics.fx_rates.name, self.topics.outbound_deliveries.name]
         self.consumer.subscribe(names, on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("clickhouse writer consuming %s", ", ".join(names))
         try:

@@ -468,6 +468,87 @@ WHERE payout_status IN ('hold', 'rejected')
 GROUP BY day, advertiser_id, offer_id, affiliate_id, payout_status, payout_reason, reporting_currency
 """
 
+# Outbound postbacks (issue 14): one row per delivery attempt, from the outbound-deliveries
+# topic (OutboundDelivery records). A redelivered record has the same key and collapses under
+# FINAL. No PARTITION BY, as for conversions: ReplacingMergeTree only collapses rows inside one
+# partition, and a re-sent attempt may carry another attempted_at than the first.
+_OUTBOUND_DELIVERIES = f"""
+CREATE TABLE IF NOT EXISTS {{db}}.outbound_deliveries
+(
+    conversion_id String,
+    version UInt64,
+    affiliate_id LowCardinality(String),
+    endpoint LowCardinality(String),
+    url String,
+    method LowCardinality(String),
+    attempt UInt32,
+    status Nullable(UInt16),
+    latency_ms Nullable(UInt32),
+    error_class LowCardinality(Nullable(String)),
+    response_head Nullable(String),
+    outcome LowCardinality(String),
+    attempted_at {_TS},
+    idempotency_key String,
+    inserted_at {_TS} DEFAULT now64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (conversion_id, version, endpoint, attempt)
+{_DEDUP}
+"""
+
+# Per UTC day of the attempt, affiliate and endpoint. success_rate counts requests, not
+# attempts: the idempotency keys (conversion versions) with a delivered attempt that day over
+# the keys attempted that day. Latency quantiles are of delivered attempts only (NULL if none).
+_V_OUTBOUND_SUCCESS_DAILY = """
+CREATE OR REPLACE VIEW {db}.v_outbound_success_daily AS
+SELECT
+    toDate(attempted_at) AS day,
+    affiliate_id,
+    endpoint,
+    count() AS attempts,
+    countIf(outcome = 'delivered') AS delivered,
+    countIf(outcome = 'retry') AS retries,
+    countIf(outcome = 'dead') AS dead,
+    uniqExact(idempotency_key) AS keys,
+    uniqExactIf(idempotency_key, outcome = 'delivered') AS delivered_keys,
+    delivered_keys / keys AS success_rate,
+    quantilesIf(0.5, 0.99)(latency_ms, outcome = 'delivered') AS latency_quantiles,
+    if(delivered = 0, NULL, latency_quantiles[1]) AS p50_latency_ms,
+    if(delivered = 0, NULL, latency_quantiles[2]) AS p99_latency_ms
+FROM {db}.outbound_deliveries FINAL
+GROUP BY day, affiliate_id, endpoint
+"""
+
+# Endpoints whose latest attempt (of any conversion) is within the last hour and was not
+# delivered. consecutive_failures counts every not-delivered attempt after the endpoint's
+# last delivered one (over all history, not just the hour); last_delivered_at is NULL when
+# the endpoint never delivered. Ties in attempted_at are broken by attempt number. A NULL
+# error_class/status is wrapped in a tuple, since argMax skips NULL arguments.
+_V_OUTBOUND_FAILING_NOW = """
+CREATE OR REPLACE VIEW {db}.v_outbound_failing_now AS
+SELECT
+    affiliate_id,
+    endpoint,
+    countIf(outcome != 'delivered' AND attempted_at > delivered_max) AS consecutive_failures,
+    argMax(outcome, (attempted_at, attempt)) AS last_outcome,
+    tupleElement(argMax(tuple(error_class), (attempted_at, attempt)), 1) AS last_error_class,
+    tupleElement(argMax(tuple(status), (attempted_at, attempt)), 1) AS last_status,
+    argMax(conversion_id, (attempted_at, attempt)) AS last_conversion_id,
+    max(attempted_at) AS last_attempt_at,
+    nullIf(any(delivered_max), toDateTime64(0, 3, 'UTC')) AS last_delivered_at
+FROM
+(
+    SELECT
+        affiliate_id, endpoint, conversion_id, attempt, outcome, error_class, status, attempted_at,
+        maxIf(attempted_at, outcome = 'delivered') OVER (PARTITION BY affiliate_id, endpoint) AS delivered_max
+    FROM {db}.outbound_deliveries FINAL
+    WHERE endpoint IN (SELECT endpoint FROM {db}.outbound_deliveries
+                       WHERE attempted_at >= now64(3, 'UTC') - INTERVAL 1 HOUR)
+)
+GROUP BY affiliate_id, endpoint
+HAVING last_attempt_at >= now64(3, 'UTC') - INTERVAL 1 HOUR AND last_outcome != 'delivered'
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "sink_tables", (_CLICKS, _CONVERSIONS, _OUTCOMES, _REJECTIONS, _DUPLICATES)),
     Migration(2, "analyst_views", (
@@ -487,6 +568,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         _V_CAP_USAGE,
         _V_PAYOUT_HOLDS,
     )),
+    Migration(5, "outbound_deliveries", (_OUTBOUND_DELIVERIES,)),
+    Migration(6, "outbound_views", (_V_OUTBOUND_SUCCESS_DAILY, _V_OUTBOUND_FAILING_NOW)),
 )
 
 

@@ -93,12 +93,30 @@ def describe_payout(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+#: The columns of `trace`'s `deliveries` section (outbound postbacks to affiliates, migration 5).
+DELIVERY_COLUMNS = ("conversion_id", "version", "endpoint", "attempt", "outcome", "status", "latency_ms",
+                    "error_class", "attempted_at", "url")
+
+
+def describe_delivery(row: dict[str, Any]) -> str:
+    """One line for a delivery attempt of `trace`'s `deliveries` section (the URL is stored redacted)."""
+    status = "-" if row["status"] is None else str(row["status"])
+    latency = "-" if row["latency_ms"] is None else f"{row['latency_ms']} ms"
+    at = row["attempted_at"]
+    when = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z" if hasattr(at, "strftime") else at
+    return (f"{row['conversion_id']} v{row['version']} -> {row['endpoint']} attempt {row['attempt']} "
+            f"{row['outcome']}: status {status}, {latency}, error {row['error_class'] or '-'}, at {when}; "
+            f"{row['url']}")
+
+
 def trace(client: Any, ident: str) -> dict[str, list[dict[str, Any]]]:
     """Everything ClickHouse knows about a click ID, order ID or receipt ID.
 
     `payouts` lists every version of the conversions found that ClickHouse still holds (not
     FINAL: a background merge eventually keeps only the latest), each with its commission
-    decision; `conversions` shows the latest version of each.
+    decision; `conversions` shows the latest version of each. `deliveries` lists every outbound
+    postback attempt to the affiliates' endpoints for those conversions (or for `ident` as a
+    conversion ID), by conversion, endpoint and attempt.
     """
     if not _SAFE.match(ident):
         raise ValueError("an id is 1-128 characters of A-Z a-z 0-9 _ . : - /")
@@ -117,12 +135,17 @@ def trace(client: Any, ident: str) -> dict[str, list[dict[str, Any]]]:
                             f"{', '.join(PAYOUT_COLUMNS)} FROM conversions WHERE conversion_id IN {{v:Array(String)}} "
                             "ORDER BY conversion_id, version, inserted_at DESC LIMIT 1 BY conversion_id, version",
                     {"v": conversion_ids}) if conversion_ids else []
+    deliveries = _rows(client, f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM outbound_deliveries FINAL "
+                               "WHERE conversion_id IN {v:Array(String)} "
+                               "ORDER BY conversion_id, endpoint, version, attempt",
+                       {"v": sorted(set(conversion_ids) | {ident})})
     return {
         "clicks": _rows(client, "SELECT * FROM clicks FINAL WHERE click_id IN {c:Array(String)}",
                         {"c": sorted(click_ids)}),
         "outcomes": outcomes,
         "conversions": conversions,
         "payouts": payouts,
+        "deliveries": deliveries,
         "duplicates": _rows(client, "SELECT * FROM duplicates FINAL WHERE receipt_id IN {r:Array(String)} "
                                     "OR order_id = {i:String} ORDER BY received_at", {"r": sorted(receipts), "i": ident}),
         "rejections": _rows(client, "SELECT receipt_id, received_at, reason, detail, advertiser_id, event FROM "

@@ -3,7 +3,7 @@
 Times stay epoch milliseconds (clickhouse-connect writes ints as DateTime64(3) ticks,
 no datetime objects on the hot path), money stays `Decimal`. Every topic record also
 yields its `postback_outcomes` row, so "one row per receipt" holds by construction (FX rates
-are not postbacks and have none).
+and outbound delivery attempts are not received postbacks and have none).
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ DUPLICATE_COLUMNS = ("receipt_id", "first_receipt_id", "received_at", "processed
                      "order_id", "dedupe_key", "reason")
 
 FX_RATE_COLUMNS = ("date", "currency", "rate", "reporting_currency", "loaded_at")
+OUTBOUND_DELIVERY_COLUMNS = ("conversion_id", "version", "affiliate_id", "endpoint", "url", "method", "attempt",
+                             "status", "latency_ms", "error_class", "response_head", "outcome", "attempted_at",
+                             "idempotency_key")
 
 COLUMNS = {"clicks": CLICK_COLUMNS, "conversions": CONVERSION_COLUMNS, "postback_outcomes": OUTCOME_COLUMNS,
-           "rejections": REJECTION_COLUMNS, "duplicates": DUPLICATE_COLUMNS, "fx_rates": FX_RATE_COLUMNS}
+           "rejections": REJECTION_COLUMNS, "duplicates": DUPLICATE_COLUMNS, "fx_rates": FX_RATE_COLUMNS,
+           "outbound_deliveries": OUTBOUND_DELIVERY_COLUMNS}
 
 
 def _map(kvs: list[dict[str, str]]) -> dict[str, str]:
@@ -94,5 +98,12 @@ def fx_rate_rows(f: dict[str, Any]) -> dict[str, tuple]:
                          f["loaded_at_ms"])}
 
 
+def outbound_delivery_rows(d: dict[str, Any]) -> dict[str, tuple]:
+    """One delivery attempt to an affiliate: no postback was received, so no `postback_outcomes` row."""
+    return {"outbound_deliveries": (d["conversion_id"], d["version"], d["affiliate_id"], d["endpoint"], d["url"],
+                                    d["method"], d["attempt"], d["status"], d["latency_ms"], d["error_class"],
+                                    d["response_head"], d["outcome"], d["attempted_at_ms"], d["idempotency_key"])}
+
+
 ROWS_BY_SCHEMA = {"Click": click_rows, "Conversion": conversion_rows, "Rejection": rejection_rows,
-                  "Duplicate": duplicate_rows, "FxRate": fx_rate_rows}
+                  "Duplicate": duplicate_rows, "FxRate": fx_rate_rows, "OutboundDelivery": outbound_delivery_rows}

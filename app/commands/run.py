@@ -2,10 +2,11 @@
 
 `run` starts the local stack (unless KAFKA_BOOTSTRAP_SERVERS / CLICKHOUSE_URL point at
 existing clusters), creates the topics, applies the ClickHouse migrations, then
-supervises the ingester, the processor and the sink (`deploy.supervisor`) and prints a
-status line: requests/s, processor lag, rows written. Ctrl-C or SIGTERM stops the
-children in order, then the stack if this command started it. With `--detach` it runs
-in the background and returns once everything is ready; `postback stop` ends it.
+supervises the ingester, the processor, the sink and the outbound delivery service
+(`deploy.supervisor`) and prints a status line: requests/s, processor lag, rows written.
+Ctrl-C or SIGTERM stops the children in order, then the stack if this command started
+it. With `--detach` it runs in the background and returns once everything is ready;
+`postback stop` ends it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                 "--data-dir", str(settings.state_dir / "processors")], logs / "process.log"),
         Child("sink", cli + ["sink", "--database", args.database, "--metrics-port", str(args.sink_metrics_port)],
               logs / "sink.log"),
+        # Affiliate postbacks of $POSTBACK_CONFIG (idle when no affiliate has `postbacks`).
+        Child("outbound", cli + ["outbound", "run"], logs / "outbound.log"),
     ]
     supervisor = Supervisor(children, env)
     stop = {"now": False}

@@ -44,7 +44,7 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from postback.clickhouse import client_factory
-    from sinks.queries import PAYOUT_COLUMNS, describe_payout, trace
+    from sinks.queries import PAYOUT_COLUMNS, describe_delivery, describe_payout, trace
 
     journey = trace(client_factory(clickhouse_url(settings), args.database)(), args.id)
     if args.json:
@@ -55,6 +55,9 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
             for row in rows:
                 if section == "payouts":
                     print("  " + describe_payout(row))
+                    continue
+                if section == "deliveries":
+                    print("  " + describe_delivery(row))
                     continue
                 hidden = PAYOUT_COLUMNS if section == "conversions" else ()  # shown per version under payouts
                 shown = {k: v for k, v in row.items() if v not in (None, "", {}, []) and k not in hidden}
@@ -67,7 +70,9 @@ def register_trace(sub: argparse._SubParsersAction) -> None:
                        description="Print everything ClickHouse knows about an id: the click, each postback's "
                                    "outcome (accepted, duplicate, rejected and why), the conversion rows, and for "
                                    "each conversion version its payout (amount and currency, status and reason, "
-                                   "rule, the FX rates and dates used, fx_status, cap decision). "
+                                   "rule, the FX rates and dates used, fx_status, cap decision), and each "
+                                   "outbound postback attempt to the affiliate's endpoints (endpoint, attempt, "
+                                   "outcome, HTTP status, latency, error class, time, URL with secrets redacted). "
                                    "Exit 1 when nothing is found.")
     p.add_argument("id", help="a click ID, order ID, receipt ID or conversion ID")
     p.add_argument("--database", default="postback")

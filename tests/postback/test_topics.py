@@ -27,6 +27,9 @@ def test_default_names():
         "postback.processor-attribute",
         "postback.processor-commission",
         "postback.fx-rates",
+        "postback.outbound-retry",
+        "postback.outbound-dead",
+        "postback.outbound-deliveries",
     ]
     assert topics.raw_postbacks.name == "postback.raw-postbacks"
 
@@ -61,6 +64,9 @@ def test_layout():
         "processor-attribute": ("partition of the click_id", 6, "internal-json"),
         "processor-commission": ("advertiser_id", 6, "internal-json"),
         "fx-rates": ("currency|date", 1, "FxRate"),
+        "outbound-retry": ("endpoint_id", 6, "internal-json"),
+        "outbound-dead": ("endpoint_id", 3, "internal-json"),
+        "outbound-deliveries": ("conversion_id", 3, "OutboundDelivery"),
     }
     # Co-partitioned for the click/postback join (faust assigns partition N of each to one worker).
     assert t.clicks.partitions == t.raw_postbacks.partitions == t.processor_attribute.partitions
@@ -69,6 +75,13 @@ def test_layout():
     # One partition, compacted: every worker reads all rates; the latest per currency and day wins.
     assert t.fx_rates.compacted and t.fx_rates.retention_ms is None
     assert t.fx_rates.config() == {"cleanup.policy": "compact"}
+    assert not t.outbound_retry.compacted and not t.outbound_deliveries.compacted
+
+
+def test_groups():
+    t = Topics("p")
+    assert t.outbound_group == "p-outbound"
+    assert len({t.processor_group, t.sink_clickhouse_group, t.sink_lifecycle_group, t.outbound_group}) == 4
 
 
 def test_frozen():

@@ -199,6 +199,22 @@ RECORDS = {
         "reporting_currency": "USD",
         "loaded_at_ms": T0,
     },
+    "OutboundDelivery": {
+        "conversion_id": "cv_3f2a",
+        "version": 3,
+        "affiliate_id": "aff9",
+        "endpoint": "aff9/main",
+        "url": "https://aff.example/pb?cid=01HZY3Q4J5K6M7N8P9QRSTVWXZ&sig=REDACTED",
+        "method": "GET",
+        "attempt": 2,
+        "status": 503,
+        "latency_ms": 187,
+        "error_class": "http_5xx",
+        "response_head": "Service Unavailable \ufffd",
+        "outcome": "retry",
+        "attempted_at_ms": T0 + 60_000,
+        "idempotency_key": "cv_3f2a:3",
+    },
 }
 
 
@@ -244,12 +260,16 @@ def test_keyvalue_canonical_form_literal():
     )
 
 
+#: ``_ms`` fields that are durations (plain longs), not timestamp-millis.
+DURATIONS_MS = frozenset({"latency_ms"})
+
+
 def _ms_to_datetime(value):
     """What plain fastavro makes of our records: timestamp-millis fields become aware datetimes."""
     if isinstance(value, dict):
         return {
             k: datetime.datetime.fromtimestamp(v / 1000, datetime.timezone.utc)
-            if k.endswith("_ms") and v is not None
+            if k.endswith("_ms") and k not in DURATIONS_MS and v is not None
             else _ms_to_datetime(v)
             for k, v in value.items()
         }
@@ -517,3 +537,34 @@ def test_fx_rate_round_trip_keeps_the_rate_text():
     assert decode_any(codec.encode(record)) == ("FxRate", record)
     with pytest.raises(InvalidRecord, match="rate"):
         codec.encode(dict(record, rate=Decimal("1.1")))
+
+
+# --- OutboundDelivery: one record per delivery attempt ------------------------------------------
+
+def test_outbound_delivery_field_types_are_the_contract():
+    fields = {f["name"]: f["type"] for f in json.loads((SCHEMA_DIR / "OutboundDelivery.avsc").read_text())["fields"]}
+    assert fields == {
+        "conversion_id": "string", "version": "long", "affiliate_id": "string", "endpoint": "string",
+        "url": "string", "method": "string", "attempt": "int", "status": ["null", "int"],
+        "latency_ms": ["null", "long"], "error_class": ["null", "string"], "response_head": ["null", "string"],
+        "outcome": "string", "attempted_at_ms": {"type": "long", "logicalType": "timestamp-millis"},
+        "idempotency_key": "string",
+    }
+    assert Codec.for_record("OutboundDelivery").schema["name"] == "io.postback.v1.OutboundDelivery"
+
+
+def test_outbound_delivery_without_a_response_round_trips_with_nulls():
+    codec = Codec.for_record("OutboundDelivery")
+    sent = {k: v for k, v in RECORDS["OutboundDelivery"].items()
+            if k not in ("status", "latency_ms", "error_class", "response_head")}
+    sent.update(error_class="timeout", outcome="dead", attempt=9)
+    decoded = codec.decode(codec.encode(sent))
+    assert decoded == dict(sent, status=None, latency_ms=None, response_head=None)
+    assert list(decoded) == [f["name"] for f in codec.schema["fields"]]
+
+
+@pytest.mark.parametrize(("field", "value"), [("status", "503"), ("attempt", None), ("latency_ms", 1.5),
+                                              ("outcome", None)])
+def test_outbound_delivery_wrong_types_are_refused(field, value):
+    with pytest.raises(InvalidRecord, match=field):
+        Codec.for_record("OutboundDelivery").encode(dict(RECORDS["OutboundDelivery"], **{field: value}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,11 @@ from sinks.migrations import MIGRATIONS, Migration, MigrationError, apply_migrat
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"clicks", "conversions", "postback_outcomes", "rejections", "duplicates", "fx_rates"}
+TABLES = {"clicks", "conversions", "postback_outcomes", "rejections", "duplicates", "fx_rates", "outbound_deliveries"}
 VIEWS = {"v_conversions_net", "v_revenue_daily", "v_revenue_by_click_day", "v_postback_health_hourly",
          "v_rejection_reasons_daily", "v_match_rate_daily", "v_affiliate_conversion_rate_daily",
-         "v_payouts", "v_payouts_daily", "v_payout_to_margin", "v_cap_usage", "v_payout_holds"}
+         "v_payouts", "v_payouts_daily", "v_payout_to_margin", "v_cap_usage", "v_payout_holds",
+         "v_outbound_success_daily", "v_outbound_failing_now"}
 
 
 def ts(text: str) -> datetime:
@@ -456,7 +457,7 @@ def test_commission_migration_on_a_table_with_rows_leaves_them_null(clickhouse: 
     client = clickhouse.client(ch_database)
     apply_migrations(client, ch_database, progress=quiet, migrations=MIGRATIONS[:2])
     client.insert("conversions", [conversion("B4", 1, order="B4", amount="12")], column_names=CONV_COLS)
-    assert apply_migrations(client, ch_database, progress=quiet) == [3, 4]
+    assert apply_migrations(client, ch_database, progress=quiet) == [3, 4, 5, 6]
     (row,) = rows(client, "SELECT payout, payout_status, revenue_fx_date, signed_revenue_reporting FROM conversions")
     assert row == {"payout": None, "payout_status": None, "revenue_fx_date": None, "signed_revenue_reporting": None}
     assert scalar(client, "SELECT count() FROM v_payouts") == 0
@@ -568,3 +569,123 @@ def test_insert_deduplication_token_drops_a_retried_insert(migrated: Any) -> Non
     client.insert("conversions", batch, column_names=CONV_COLS, settings={"insert_deduplication_token": "part-0-off-44"})
     assert scalar(client, "SELECT count() FROM conversions") == 4
     assert scalar(client, "SELECT count() FROM conversions FINAL") == 2
+
+
+# -- outbound postbacks: the delivery log ----------------------------------------------------------
+
+DELIVERY_COLS = ["conversion_id", "version", "affiliate_id", "endpoint", "url", "method", "attempt", "status",
+                 "latency_ms", "error_class", "response_head", "outcome", "attempted_at", "idempotency_key"]
+
+
+def attempt(cid: str, n: int, outcome: str, at: datetime | str, *, endpoint: str = "a1/main", status: int | None = None,
+            latency: int | None = None, error: str | None = None, version: int = 1) -> list[Any]:
+    affiliate = endpoint.split("/")[0]
+    if outcome == "delivered":
+        status = 200 if status is None else status
+    return [cid, version, affiliate, endpoint, f"https://{affiliate}.example/pb?cid={cid}&sig=REDACTED", "GET", n,
+            status, latency, error, None if status is None else "ok", outcome,
+            ts(at) if isinstance(at, str) else at, f"{cid}:{version}"]
+
+
+@pytest.fixture
+def deliveries(migrated: Any) -> Any:
+    client = migrated
+    day = "2026-03-01"
+    client.insert("outbound_deliveries", [
+        # a1/main on 2026-03-01: four requests (keys), six attempts.
+        attempt("k1", 1, "retry", f"{day} 09:00:00", status=503, latency=100, error="http_5xx"),
+        attempt("k1", 2, "delivered", f"{day} 09:01:00", latency=200),
+        attempt("k2", 1, "delivered", f"{day} 10:00:00", latency=400),
+        attempt("k3", 1, "retry", f"{day} 11:00:00", error="timeout"),
+        attempt("k3", 2, "dead", f"{day} 12:00:00", error="connect"),
+        attempt("k4", 1, "delivered", f"{day} 13:00:00", latency=300),
+        attempt("b1", 1, "delivered", f"{day} 13:00:00", endpoint="a1/backup", latency=50),
+        attempt("c1", 1, "retry", "2026-03-02 08:00:00", endpoint="a2/main", status=429, latency=10,
+                error="http_429"),
+    ], column_names=DELIVERY_COLS)
+    # k4's record consumed again (another batch): one row under FINAL.
+    client.insert("outbound_deliveries", [attempt("k4", 1, "delivered", f"{day} 13:00:00", latency=300)],
+                  column_names=DELIVERY_COLS)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    ago = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
+    client.insert("outbound_deliveries", [
+        # f1/down: delivered 50 min ago, then three failures of other conversions.
+        attempt("d1", 1, "delivered", ago(50), endpoint="f1/down", latency=30),
+        attempt("d2", 1, "retry", ago(40), endpoint="f1/down", status=503, latency=20, error="http_5xx"),
+        attempt("d3", 1, "retry", ago(30), endpoint="f1/down", status=503, latency=20, error="http_5xx"),
+        attempt("d2", 2, "dead", ago(20), endpoint="f1/down", error="timeout"),
+        # f1/recovered: failed two hours ago, delivered ten minutes ago.
+        attempt("r1", 1, "retry", ago(120), endpoint="f1/recovered", error="connect"),
+        attempt("r1", 2, "delivered", ago(10), endpoint="f1/recovered", latency=15),
+        # f1/stale: its last (failed) attempt is three hours old.
+        attempt("s1", 1, "retry", ago(180), endpoint="f1/stale", error="connect"),
+        # f1/never: never delivered; one failure before the hour counts too.
+        attempt("n1", 1, "retry", ago(180), endpoint="f1/never", error="connect"),
+        attempt("n1", 2, "retry", ago(30), endpoint="f1/never", status=404, latency=12, error="http_4xx"),
+    ], column_names=DELIVERY_COLS)
+    client.now = now  # for the assertions
+    return client
+
+
+def test_outbound_deliveries_columns_and_types(migrated: Any) -> None:
+    types = dict(migrated.query("SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                                "AND table = 'outbound_deliveries'").result_rows)
+    assert types == {
+        "conversion_id": "String", "version": "UInt64", "affiliate_id": "LowCardinality(String)",
+        "endpoint": "LowCardinality(String)", "url": "String", "method": "LowCardinality(String)",
+        "attempt": "UInt32", "status": "Nullable(UInt16)", "latency_ms": "Nullable(UInt32)",
+        "error_class": "LowCardinality(Nullable(String))", "response_head": "Nullable(String)",
+        "outcome": "LowCardinality(String)", "attempted_at": "DateTime64(3, 'UTC')", "idempotency_key": "String",
+        "inserted_at": "DateTime64(3, 'UTC')",
+    }
+    keys = migrated.query("SELECT sorting_key FROM system.tables WHERE database = currentDatabase() "
+                          "AND name = 'outbound_deliveries'").result_rows
+    assert keys == [("conversion_id, version, endpoint, attempt",)]
+
+
+def test_outbound_success_daily(deliveries: Any) -> None:
+    daily = {(str(r["day"]), r["endpoint"]): r for r in rows(deliveries, "SELECT * FROM v_outbound_success_daily "
+                                                                          "WHERE day < '2026-03-03'")}
+    assert set(daily) == {("2026-03-01", "a1/main"), ("2026-03-01", "a1/backup"), ("2026-03-02", "a2/main")}
+    main = daily[("2026-03-01", "a1/main")]
+    assert main["affiliate_id"] == "a1"
+    # k4 was inserted twice and counts once.
+    assert (main["attempts"], main["delivered"], main["retries"], main["dead"], main["keys"], main["delivered_keys"]) \
+        == (6, 3, 2, 1, 4, 3)
+    assert main["success_rate"] == pytest.approx(0.75)
+    # Delivered latencies 200, 400, 300: the failed attempts' 100 ms does not count.
+    assert main["p50_latency_ms"] == pytest.approx(300)
+    assert main["p99_latency_ms"] == pytest.approx(398)  # 300 + 0.98 * 100
+    backup = daily[("2026-03-01", "a1/backup")]
+    assert (backup["attempts"], backup["success_rate"], backup["p50_latency_ms"], backup["p99_latency_ms"]) \
+        == (1, 1.0, 50.0, 50.0)
+    failed = daily[("2026-03-02", "a2/main")]
+    assert (failed["attempts"], failed["delivered"], failed["retries"], failed["success_rate"],
+            failed["p50_latency_ms"], failed["p99_latency_ms"]) == (1, 0, 1, 0.0, None, None)
+
+
+def test_outbound_failing_now(deliveries: Any) -> None:
+    now = deliveries.now.replace(tzinfo=None)
+    failing = {r["endpoint"]: r for r in rows(deliveries, "SELECT * FROM v_outbound_failing_now")}
+    assert set(failing) == {"f1/down", "f1/never"}
+    down = failing["f1/down"]
+    assert (down["affiliate_id"], down["consecutive_failures"], down["last_outcome"], down["last_error_class"],
+            down["last_status"], down["last_conversion_id"]) == ("f1", 3, "dead", "timeout", None, "d2")
+    assert down["last_attempt_at"].replace(tzinfo=None) == now - timedelta(minutes=20)
+    assert down["last_delivered_at"].replace(tzinfo=None) == now - timedelta(minutes=50)
+    never = failing["f1/never"]
+    assert (never["consecutive_failures"], never["last_outcome"], never["last_error_class"], never["last_status"],
+            never["last_delivered_at"]) == (2, "retry", "http_4xx", 404, None)
+    assert never["last_attempt_at"].replace(tzinfo=None) == now - timedelta(minutes=30)
+
+
+def test_outbound_queries_in_the_analytics_doc(deliveries: Any) -> None:
+    queries = [q for q in doc_queries() if "outbound" in q]
+    assert len(queries) >= 3
+    for sql in queries:
+        deliveries.query(sql)
+    (by_affiliate,) = [q for q in queries if "v_outbound_success_daily" in q and "GROUP BY affiliate_id" in q]
+    result = {r["affiliate_id"]: r for r in rows(deliveries, by_affiliate.replace("today() - 30", "'2026-03-01'"))}
+    assert (result["a1"]["requests"], result["a1"]["delivered_requests"]) == (5, 4)
+    (failing,) = [q for q in queries if "v_outbound_failing_now" in q]
+    assert {r["endpoint"] for r in rows(deliveries, failing)} == {"f1/down", "f1/never"}

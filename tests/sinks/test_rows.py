@@ -8,7 +8,8 @@ from decimal import Decimal
 import pytest
 
 from schemas.codec import Codec
-from sinks.rows import COLUMNS, CONVERSION_COLUMNS, ROWS_BY_SCHEMA, conversion_rows, fx_rate_rows
+from sinks.rows import (COLUMNS, CONVERSION_COLUMNS, OUTBOUND_DELIVERY_COLUMNS, ROWS_BY_SCHEMA, conversion_rows,
+                        fx_rate_rows, outbound_delivery_rows)
 
 from .conftest import NOW, conversion
 
@@ -50,3 +51,36 @@ def test_fx_rate_row() -> None:
               "loaded_at_ms": NOW}
     assert ROWS_BY_SCHEMA["FxRate"](Codec.for_record("FxRate").decode(Codec.for_record("FxRate").encode(record))) \
         == {"fx_rates": (date(2027, 1, 14), "JPY", Decimal("0.006512345678"), "USD", NOW)}
+
+
+DELIVERY = {"conversion_id": "conv-purchase-O1", "version": 2, "affiliate_id": "aff-1", "endpoint": "aff-1/main",
+            "url": "https://aff.example/pb?cid=C1&sig=REDACTED", "method": "GET", "attempt": 1, "status": 503,
+            "latency_ms": 87, "error_class": "http_5xx", "response_head": "busy", "outcome": "retry",
+            "attempted_at_ms": NOW, "idempotency_key": "conv-purchase-O1:2"}
+
+
+def test_outbound_delivery_row_through_the_codec() -> None:
+    codec = Codec.for_record("OutboundDelivery")
+    rows = ROWS_BY_SCHEMA["OutboundDelivery"](codec.decode(codec.encode(DELIVERY)))
+    assert list(rows) == ["outbound_deliveries"]  # an attempt is no received postback: no postback_outcomes row
+    (row,) = rows.values()
+    assert dict(zip(COLUMNS["outbound_deliveries"], row)) == {
+        "conversion_id": "conv-purchase-O1", "version": 2, "affiliate_id": "aff-1", "endpoint": "aff-1/main",
+        "url": "https://aff.example/pb?cid=C1&sig=REDACTED", "method": "GET", "attempt": 1, "status": 503,
+        "latency_ms": 87, "error_class": "http_5xx", "response_head": "busy", "outcome": "retry",
+        "attempted_at": NOW, "idempotency_key": "conv-purchase-O1:2"}
+
+
+def test_outbound_delivery_row_without_a_response() -> None:
+    sent = dict(DELIVERY, status=None, latency_ms=None, error_class="timeout", response_head=None, outcome="dead")
+    (row,) = outbound_delivery_rows(sent).values()
+    got = dict(zip(OUTBOUND_DELIVERY_COLUMNS, row))
+    assert (got["status"], got["latency_ms"], got["error_class"], got["response_head"], got["outcome"]) \
+        == (None, None, "timeout", None, "dead")
+
+
+def test_every_schema_with_rows_has_a_table_in_the_writer_order() -> None:
+    from sinks.clickhouse_writer import INSERT_ORDER
+
+    assert set(INSERT_ORDER) == set(COLUMNS)
+    assert INSERT_ORDER[-1] == "postback_outcomes"

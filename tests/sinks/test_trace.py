@@ -82,3 +82,60 @@ def test_trace_command_prints_the_payouts(traced: Any, clickhouse: ClickHouseSer
     assert "payout_rule" not in conversions and "conversion_id=P" in conversions
     assert command._trace(argparse.Namespace(id="P", database=ch_database, json=True), None) == 0
     assert '"payout_status": "payable"' in capsys.readouterr().out
+
+
+# -- outbound postback deliveries ---------------------------------------------------------------
+
+
+@pytest.fixture
+def delivered(traced: Any) -> Any:
+    from .test_migrations import DELIVERY_COLS, attempt
+
+    traced.insert("outbound_deliveries", [
+        attempt("P", 1, "retry", "2026-03-01 10:00:00.250", endpoint="a1/main", status=503, latency=87,
+                error="http_5xx", version=2),
+        attempt("P", 2, "delivered", "2026-03-01 10:01:00", endpoint="a1/main", latency=41, version=2),
+        attempt("P", 1, "dead", "2026-03-01 10:00:00", endpoint="a1/backup", error="timeout", version=2),
+        attempt("K", 1, "delivered", "2026-03-01 11:00:00", endpoint="a1/main", latency=12),
+        attempt("F", 1, "delivered", "2026-03-01 11:00:00", endpoint="a1/main", latency=12),  # another order
+    ], column_names=DELIVERY_COLS)
+    # P's first attempt consumed twice by the sink: one row.
+    traced.insert("outbound_deliveries", [attempt("P", 1, "retry", "2026-03-01 10:00:00.250", endpoint="a1/main",
+                                                  status=503, latency=87, error="http_5xx", version=2)],
+                  column_names=DELIVERY_COLS)
+    return traced
+
+
+def test_trace_lists_the_deliveries_of_the_conversions_found(delivered: Any) -> None:
+    from sinks.queries import describe_delivery
+
+    deliveries = trace(delivered, "P")["deliveries"]
+    assert [(d["conversion_id"], d["endpoint"], d["attempt"], d["outcome"]) for d in deliveries] == [
+        ("K", "a1/main", 1, "delivered"), ("P", "a1/backup", 1, "dead"), ("P", "a1/main", 1, "retry"),
+        ("P", "a1/main", 2, "delivered")]
+    assert [describe_delivery(d) for d in deliveries] == [
+        "K v1 -> a1/main attempt 1 delivered: status 200, 12 ms, error -, at 2026-03-01T11:00:00.000Z; "
+        "https://a1.example/pb?cid=K&sig=REDACTED",
+        "P v2 -> a1/backup attempt 1 dead: status -, -, error timeout, at 2026-03-01T10:00:00.000Z; "
+        "https://a1.example/pb?cid=P&sig=REDACTED",
+        "P v2 -> a1/main attempt 1 retry: status 503, 87 ms, error http_5xx, at 2026-03-01T10:00:00.250Z; "
+        "https://a1.example/pb?cid=P&sig=REDACTED",
+        "P v2 -> a1/main attempt 2 delivered: status 200, 41 ms, error -, at 2026-03-01T10:01:00.000Z; "
+        "https://a1.example/pb?cid=P&sig=REDACTED",
+    ]
+    assert [d["conversion_id"] for d in trace(delivered, "F")["deliveries"]] == ["F"]
+    assert trace(delivered, "OLD")["deliveries"] == []
+
+
+def test_trace_command_prints_the_deliveries(delivered: Any, clickhouse: ClickHouseService, ch_database: str,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import app.commands.sink as command
+
+    monkeypatch.setattr(command, "clickhouse_url", lambda settings: clickhouse.url)
+    assert command._trace(argparse.Namespace(id="P", database=ch_database, json=False), None) == 0
+    out = capsys.readouterr().out
+    section = out.split("deliveries (4)\n")[1]
+    assert "  P v2 -> a1/main attempt 1 retry: status 503, 87 ms, error http_5xx, at 2026-03-01T10:00:00.250Z; " \
+           "https://a1.example/pb?cid=P&sig=REDACTED\n" in section
+    assert "sig=REDACTED" in section and "a1/backup attempt 1 dead: status -, -, error timeout" in section

@@ -239,3 +239,34 @@ def test_fx_rates_and_payout_fields(sink: SinkHarness, clickhouse: ClickHouseSer
     assert got["O3"] == (None,) * 14  # written before the payout fields existed
     holds = client.query("SELECT payout_reason, conversions FROM v_payout_holds").result_rows
     assert holds == [("cap_daily_conversions", 1)]
+
+
+def _delivery(cid: str, attempt: int, outcome: str, **fields) -> dict:
+    base = {"conversion_id": cid, "version": 1, "affiliate_id": "aff-1", "endpoint": "aff-1/main",
+            "url": f"https://aff.example/pb?cid={cid}&sig=REDACTED", "method": "GET", "attempt": attempt,
+            "status": 200 if outcome == "delivered" else 503, "latency_ms": 40 + attempt,
+            "error_class": None if outcome == "delivered" else "http_5xx", "response_head": "ok",
+            "outcome": outcome, "attempted_at_ms": NOW + attempt * 60_000, "idempotency_key": f"{cid}:1"}
+    return {**base, **fields}
+
+
+def test_outbound_deliveries_are_written_without_outcome_rows(sink: SinkHarness, clickhouse: ClickHouseService) -> None:
+    t = sink.topics
+    records = [_delivery("cv1", 1, "retry"), _delivery("cv1", 2, "delivered"),
+               _delivery("cv2", 1, "dead", status=None, latency_ms=None, error_class="timeout", response_head=None)]
+    for record in records + records[:1]:  # the first one redelivered: collapses under FINAL
+        sink.produce(t.outbound_deliveries.name, "OutboundDelivery", record, record["conversion_id"])
+    sink.produce(t.conversions.name, "Conversion", conversion(1), "k1")
+    sink.flush()
+    sink.start("--only", "clickhouse")
+    client = _db_client(clickhouse, sink.database)
+    wait_until_rows(client, "SELECT count() FROM outbound_deliveries FINAL", 3, harness=sink)
+    wait_until_rows(client, "SELECT count() FROM postback_outcomes FINAL", 1, harness=sink)
+    got = client.query("SELECT conversion_id, attempt, outcome, status, latency_ms, error_class, response_head, "
+                       "toUnixTimestamp64Milli(attempted_at), idempotency_key FROM outbound_deliveries FINAL "
+                       "ORDER BY conversion_id, attempt").result_rows
+    assert got == [("cv1", 1, "retry", 503, 41, "http_5xx", "ok", NOW + 60_000, "cv1:1"),
+                   ("cv1", 2, "delivered", 200, 42, None, "ok", NOW + 120_000, "cv1:1"),
+                   ("cv2", 1, "dead", None, None, "timeout", None, NOW + 60_000, "cv2:1")]
+    # Only the conversion has an outcome row: delivery attempts are not received postbacks.
+    assert client.query("SELECT receipt_id FROM postback_outcomes FINAL").result_rows == [("R1-1-purchase",)]
