@@ -981,6 +981,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.payout_rules == "compare" and args.profile:
         parser.error("--profile samples one worker run: use it with --payout-rules off or on, not compare")
+    if args.profile and not Path(sys.executable).with_name("py-spy").exists():
+        parser.error(f"--profile needs py-spy next to {sys.executable}: {Path(sys.executable).parent}/pip install py-spy")
     return args
 
 
