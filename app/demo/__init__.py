@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import sys
 import time
@@ -52,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from app.demo.affiliates import AffiliateServers, collect_deliveries, delivery_checks, wait_for_deliveries
 from app.demo.plan import build_plan, payout_facts
 from app.demo.report import DemoReport, collect_report, format_report, verdict, wait_for_outcomes
 from app.demo.send import ProgressBar, submit_plan
@@ -65,6 +67,8 @@ DEMO_PARTNERS = Path(__file__).resolve().parents[2] / "deploy" / "demo-partners.
 DEMO_FX_RATES = Path(__file__).resolve().parents[2] / "deploy" / "demo-fx-rates.csv"
 #: The currency DEMO_FX_RATES converts to: loaded only for a partner file reporting in it.
 DEMO_FX_REPORTING = "USD"
+#: How long the demo waits for its outbound postbacks to be delivered or dead-lettered, seconds.
+DELIVERY_WAIT_S = 60.0
 
 
 # --------------------------------------------------------------------------- command
@@ -169,14 +173,28 @@ def run_demo(settings: Settings, base_url: str, clicks: int, rate: float, databa
         f"{rate:g} requests/s -> {base_url}")
     say(f"  partner file: {path} (the running ingester and processors must use this same file)")
     say(f"  seed {seed} (--seed {seed} replays this traffic mix); run {plan.run_id}")
-    submission = asyncio.run(submit_plan(plan, config, base_url, rate,
-                                         ProgressBar("sending  ", plan.requests, err)))
-    receipts = list(submission.receipts)
-    say(f"  {len(receipts)} postbacks accepted (202); waiting up to {timeout_s:g}s for their outcomes in "
-        f"ClickHouse ({url.split('@')[-1]}, database {database})")
-    found = wait_for_outcomes(client, database, receipts, timeout_s, ProgressBar("outcomes ", len(receipts), err)) \
-        if receipts else 0
-    report = collect_report(client, database, submission, found, timeout_s, payout_facts(plan, config), fx)
+    with AffiliateServers(config) as servers:
+        if servers.servers:
+            say("  affiliate endpoints: " + ", ".join(
+                f"{a} ({s.behaviour}) on 127.0.0.1:{s.server.server_address[1]}" for a, s in servers.servers.items()))
+        submission = asyncio.run(submit_plan(plan, config, base_url, rate,
+                                             ProgressBar("sending  ", plan.requests, err)))
+        receipts = list(submission.receipts)
+        say(f"  {len(receipts)} postbacks accepted (202); waiting up to {timeout_s:g}s for their outcomes in "
+            f"ClickHouse ({url.split('@')[-1]}, database {database})")
+        found = wait_for_outcomes(client, database, receipts, timeout_s,
+                                  ProgressBar("outcomes ", len(receipts), err)) if receipts else 0
+        report = collect_report(client, database, submission, found, timeout_s, payout_facts(plan, config), fx)
+        if servers.servers and receipts:
+            run_conversions = (f"conversion_id IN (SELECT conversion_id FROM {_q(database)}.postback_outcomes FINAL "
+                               "WHERE outcome = 'accepted' AND receipt_id IN _demo_receipts)")
+            say(f"  waiting up to {DELIVERY_WAIT_S:g}s for the outbound postbacks to "
+                f"{', '.join(servers.servers)} to be delivered or dead-lettered")
+            done, want = wait_for_deliveries(client, database, run_conversions, list(servers.servers),
+                                             DELIVERY_WAIT_S)
+            say(f"  {done} of {want} outbound postbacks settled")
+            rows = collect_deliveries(client, database, run_conversions, servers)
+            report = dataclasses.replace(report, deliveries=rows, delivery_checks=delivery_checks(rows))
     ok, message = verdict(report)
     print(format_report(report), file=out)
     print("", file=out)

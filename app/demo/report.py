@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from app.demo.affiliates import DeliveryCheck, DeliveryRow, format_deliveries
 from app.demo.plan import PayoutFacts
 from app.demo.send import ProgressBar, Submission
 from postback.fx import FxRates, round_money
@@ -180,6 +181,8 @@ class DemoReport:
     holds: tuple[HoldRow, ...] = ()
     caps: tuple[CapRow, ...] = ()
     checks: tuple[PayoutCheck, ...] = ()
+    deliveries: tuple[DeliveryRow, ...] = ()             # outbound postbacks to the demo's endpoints
+    delivery_checks: tuple[DeliveryCheck, ...] = ()
 
 
 def _quantiles(row: tuple[Any, ...]) -> Quantiles | None:
@@ -598,6 +601,10 @@ def format_report(report: DemoReport) -> str:
       " - includes late clicks' wait")
     q("decided -> row in ClickHouse (conversions processed_at -> inserted_at)", report.sink_latency_ms)
     q("receipt -> row in ClickHouse (conversions received_at -> inserted_at)", report.row_latency_ms)
+    lines.extend(format_deliveries(report.deliveries))
+    if report.delivery_checks:
+        lines.append("  delivery checks:")
+        lines.extend(f"    {'ok  ' if c.ok else 'FAIL'}  {c.label}: {c.detail}" for c in report.delivery_checks)
     return "\n".join(lines)
 
 
@@ -639,6 +646,12 @@ def verdict(report: DemoReport) -> tuple[bool, str]:
     if failed:
         return False, (f"FAILED: {len(failed)} of {len(report.checks)} payout checks: "
                        + "; ".join(f"{c.label}: {c.detail}" for c in failed) + warning)
+    failed_out = [c for c in report.delivery_checks if not c.ok]
+    if failed_out:
+        return False, (f"FAILED: {len(failed_out)} of {len(report.delivery_checks)} outbound delivery checks: "
+                       + "; ".join(f"{c.label}: {c.detail}" for c in failed_out) + warning)
     checked = f"; all {len(report.checks)} payout checks passed" if report.checks else ""
+    if report.delivery_checks:
+        checked += f"; all {len(report.delivery_checks)} outbound delivery checks passed"
     return True, (f"OK: all {report.receipts_accepted} accepted postbacks have an outcome, and affiliates earned "
                   + ", ".join(f"{_amount(v)} {c}" for c, v in earned.items()) + checked + warning)

@@ -572,3 +572,88 @@ def test_verdict_fails_on_a_failed_payout_check() -> None:
     bad = (PayoutCheck("too_fast FAST-2", False, "payable, expected hold too_fast"),)
     ok, message = demo_report.verdict(_payout_report(checks=bad))
     assert not ok and message == "FAILED: 1 of 1 payout checks: too_fast FAST-2: payable, expected hold too_fast"
+
+
+# --------------------------------------------------------------------------- outbound endpoints
+
+
+def test_demo_endpoints_answer_by_behaviour() -> None:
+    from app.demo.affiliates import RECOVER_AFTER, SLOW_S, answer
+
+    assert answer("healthy", 1) == (200, 0.0)
+    assert [answer("recovering", n)[0] for n in range(1, RECOVER_AFTER + 2)] == [503] * RECOVER_AFTER + [200]
+    assert answer("slow", 1) == (200, SLOW_S)
+    assert answer("bad_request", 3) == (400, 0.0)
+    with pytest.raises(ValueError):
+        answer("sometimes", 1)
+
+
+def test_demo_partner_file_points_four_affiliates_at_the_demo_endpoints() -> None:
+    from urllib.parse import urlsplit
+
+    from app.demo import DEMO_PARTNERS
+    from app.demo.affiliates import DEMO_ENDPOINTS
+
+    config = load_partner_config(DEMO_PARTNERS)
+    for affiliate_id, behaviour, port in DEMO_ENDPOINTS:
+        (endpoint,) = config.affiliate(affiliate_id).postbacks.values()
+        assert urlsplit(endpoint.url).port == port and endpoint.allow_private, affiliate_id
+        assert "{idempotency_key}" in endpoint.url
+        assert bool(endpoint.secret) == (behaviour == "healthy")
+
+
+def test_demo_endpoint_records_requests_and_checks_signatures() -> None:
+    import hashlib
+    import hmac
+    import urllib.error
+    import urllib.request
+
+    from app.demo.affiliates import AffiliateServer
+    from postback.signing import canonical_query
+
+    secret = "demo-endpoint-test-secret-0123"
+    server = AffiliateServer("aff-x", "recovering", 0, secret)
+    try:
+        base = f"http://127.0.0.1:{server.server.server_address[1]}"
+        params = [("cid", "c1"), ("k", "conv-1:1"), ("ts", "1767225600")]
+        sig = hmac.new(secret.encode(), canonical_query(params).encode(), hashlib.sha256).hexdigest()
+        statuses = []
+        for query in ("cid=c1&k=conv-1%3A1&ts=1767225600&sig=" + sig,) * 3 + ("cid=c1&ts=1&sig=00",):
+            req = urllib.request.Request(f"{base}/pb?{query}", headers={"Idempotency-Key": "conv-1:1"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    statuses.append(resp.status)
+            except urllib.error.HTTPError as err:
+                statuses.append(err.code)
+    finally:
+        server.close()
+    assert statuses == [503, 503, 200, 200]
+    assert [r.signed for r in server.snapshot()] == [True, True, True, False]
+
+
+def test_delivery_stats_checks_and_summary() -> None:
+    from app.demo.affiliates import DeliveryRow, Received, delivery_checks, delivery_stats, format_deliveries
+
+    healthy = delivery_stats(["a:1", "b:1"], [("a:1", 1, "delivered", 10), ("b:1", 1, "delivered", 30)],
+                             [Received("a:1", 200, True), Received("b:1", 200, True)])
+    recovering = delivery_stats(["c:2"], [("c:2", 1, "retry", 5), ("c:2", 2, "retry", 5), ("c:2", 3, "delivered", 7)],
+                                [Received("c:2", 503, False)] * 2 + [Received("c:2", 200, False)])
+    bad = delivery_stats(["d:1", "e:1"], [("d:1", 1, "dead", 3), ("e:1", 1, "retry", None), ("e:1", 2, "dead", 3)],
+                         [Received("d:1", 400, False)])
+    rows = [DeliveryRow("aff-search", "healthy", 2, **healthy), DeliveryRow("aff-coupons", "recovering", 1, **recovering),
+            DeliveryRow("aff-cashback", "bad_request", 2, **bad)]
+    assert (healthy["delivered"], healthy["p50_ms"], healthy["p99_ms"]) == (2, 10.0, 30.0)
+    assert (recovering["delivered"], recovering["retries"], recovering["received_keys"]) == (1, 2, 1)
+    assert (bad["dead"], bad["single_attempt_dead"], bad["p50_ms"]) == (2, 1, None)
+    checks = delivery_checks(rows)
+    assert [c.ok for c in checks] == [True, True, False]
+    assert "1 retries" in checks[2].detail
+    text = "\n".join(format_deliveries(rows))
+    assert "== Outbound postbacks" in text and "aff-coupons" in text and "always 400" in text
+    report = _report(deliveries=tuple(rows), delivery_checks=checks)
+    assert "== Outbound postbacks" in demo_report.format_report(report)
+    assert "FAIL  outbound aff-cashback (bad_request)" in demo_report.format_report(report)
+    ok, message = demo_report.verdict(report)
+    assert not ok and "outbound delivery checks" in message
+    ok, message = demo_report.verdict(_report(deliveries=tuple(rows[:2]), delivery_checks=checks[:2]))
+    assert ok and "all 2 outbound delivery checks passed" in message
