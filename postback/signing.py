@@ -33,8 +33,13 @@ KEY_ID_HEADER = "X-Postback-Key-Id"
 _UNRESERVED = "-_.~"
 
 
-def _encode(s: str) -> str:
-    # Raises UnicodeEncodeError (a ValueError) for lone surrogates: not valid UTF-8.
+def encode(s: str) -> str:
+    """``s`` percent-encoded per RFC 3986: UTF-8, upper-case hex, only ``A-Z a-z 0-9 - _ . ~`` kept.
+
+    The encoding of the canonical string; outbound URL templates use it too, so a value
+    reads the same in a signed request and in its URL. Raises UnicodeEncodeError (a
+    ValueError) for lone surrogates: not valid UTF-8.
+    """
     return quote(s, safe=_UNRESERVED, encoding="utf-8", errors="strict")
 
 
@@ -47,7 +52,7 @@ def canonical_query(params: Iterable[tuple[str, str]], unsigned: Container[str] 
     left as they are); pairs sorted by encoded key, then encoded value; joined as
     ``k=v`` with ``&``. Duplicates are kept.
     """
-    pairs = sorted((_encode(k), _encode(v)) for k, v in params if k not in unsigned)
+    pairs = sorted((encode(k), encode(v)) for k, v in params if k not in unsigned)
     return "&".join(f"{k}={v}" for k, v in pairs)
 
 

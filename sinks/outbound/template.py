@@ -28,25 +28,18 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
 
 from postback.partner_model import OUTBOUND_MACROS, parse_outbound_url
+from postback.signing import encode
 
 __all__ = ["MACROS", "encode", "fields", "idempotency_key", "render"]
 
 #: Every macro an outbound URL may use (the keys of ``fields``).
 MACROS: frozenset[str] = OUTBOUND_MACROS
 
-#: RFC 3986 unreserved punctuation; ``quote`` never encodes A-Z a-z 0-9 either.
-_UNRESERVED = "-_.~"
 _TEXT_FIELDS = ("click_id", "sub1", "sub2", "sub3", "sub4", "sub5", "offer_id", "event",
                 "payout_currency", "order_id", "conversion_id")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def encode(value: str) -> str:
-    """``value`` percent-encoded per RFC 3986 (UTF-8, upper-case hex, space as ``%20``)."""
-    return quote(value, safe=_UNRESERVED, encoding="utf-8", errors="strict")
 
 
 def _text(value: Any) -> str:
