@@ -49,25 +49,32 @@ def rejection(raw: dict[str, Any], reason: str, detail: str, now_ms: int,
     return Output("rejection", raw["receipt_id"], record)
 
 
+def _sent_event(params: list[tuple[str, str]], adv: Any) -> str | None:
+    """The event as the advertiser's aliases and default read it (as normalise does), for a rejection.
+
+    Only rejections need it: an accepted postback's event comes from `normalize`, which
+    reads the aliased view itself, so the hot path reads it once.
+    """
+    return read(params, adv).get("event")
+
+
 def verify(raw: dict[str, Any], partners: PartnerConfig, now_ms: int) -> Output:
     """Stage 1: authenticate and normalise one RawPostback. Rejection, or a message for the dedupe stage."""
     params = _pairs(raw["params"])
     advertiser_id = next((v for k, v in params if k == "advertiser_id"), None)
-    raw_event = next((v for k, v in params if k == "event"), None)
     adv = partners.advertiser(advertiser_id) if advertiser_id else None
     if adv is None:
         return rejection(raw, "unknown_advertiser", f"advertiser_id {str(advertiser_id)[:64]!r} is not configured",
-                         now_ms, None, raw_event)
-    raw_event = read(params, adv).get("event")  # the advertiser's aliases and default, as normalise reads it
+                         now_ms, None, next((v for k, v in params if k == "event"), None))
     headers = {kv["key"].lower(): kv["value"] for kv in raw["headers"]}
     auth = authenticate(adv, params, headers, raw["body"], raw["content_type"], raw["remote_ip"],
                         raw["received_at_ms"])
     if isinstance(auth, AuthFailed):
-        return rejection(raw, auth.reason, auth.detail, now_ms, adv.advertiser_id, raw_event)
+        return rejection(raw, auth.reason, auth.detail, now_ms, adv.advertiser_id, _sent_event(params, adv))
     try:
         n = normalize(params, adv)
     except Invalid as exc:
-        return rejection(raw, exc.reason, exc.detail, now_ms, adv.advertiser_id, raw_event)
+        return rejection(raw, exc.reason, exc.detail, now_ms, adv.advertiser_id, _sent_event(params, adv))
     if n.offer_id and partners.offer(n.offer_id) is None:
         return rejection(raw, "unknown_offer", f"offer_id {n.offer_id!r} is not configured", now_ms,
                          adv.advertiser_id, n.event)
