@@ -96,6 +96,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
@@ -106,9 +107,11 @@ from bench.harness import (
     median_run, positive_int, produce_records, profile_lines, ratio, run_and_report, settled_count, spread,
     start_kafka, start_py_spy, thin, tree_cpu_s, tree_hwm_kb,
 )
+from app.commands.fx import publish_rates
 from deploy.procs import free_port, tail
 from deploy.providers import KafkaService, unique_name
 from postback.config import Settings
+from postback.fx import FxRate
 from postback.partner_view import order_key
 from postback.topics import Topics, ensure_topics
 
@@ -285,21 +288,10 @@ def payout_rules_toml(work: Workload) -> str:
     return "\n".join(lines)
 
 
-def fx_records(now_s: float) -> list[tuple[bytes, bytes]]:
-    """One rate per currency of FX_RATES and day, for the last FX_DAYS days (UTC dates), as
-    `postback fx load` publishes them (Avro FxRate, key `currency|date`)."""
-    from schemas.codec import Codec
-
-    codec = Codec.for_record("FxRate")
-    loaded_at_ms = int(now_s * 1000)
-    records = []
-    for day in range(FX_DAYS, -1, -1):
-        date = time.strftime("%Y-%m-%d", time.gmtime(now_s - day * 86400))
-        for currency, rate in FX_RATES.items():
-            records.append((f"{currency}|{date}".encode(), codec.encode(
-                {"date": date, "currency": currency, "rate": rate, "reporting_currency": REPORTING_CURRENCY,
-                 "loaded_at_ms": loaded_at_ms})))
-    return records
+def fx_rates(now_s: float) -> list[FxRate]:
+    """One rate per currency of FX_RATES and day, for the last FX_DAYS days (UTC dates)."""
+    return [FxRate(time.strftime("%Y-%m-%d", time.gmtime(now_s - day * 86400)), currency, Decimal(rate))
+            for day in range(FX_DAYS, -1, -1) for currency, rate in FX_RATES.items()]
 
 
 def check_payouts(found: dict[str, list[Output]], work: Workload, rules: bool) -> dict[str, Any]:
@@ -683,8 +675,9 @@ def measure(args: argparse.Namespace, kafka: KafkaService, scratch: Path, work: 
         raise RuntimeError(f"pre-fill: {raw_count} raw postbacks and {clicks_count} clicks in Kafka")
     log(f"pre-filled in {prefill_s:.1f}s")
     if rules:
-        fx = fx_records(time.time())
-        produce_records(kafka.bootstrap_servers, [(topics.fx_rates.name, fx)], 60.0, 120)
+        fx = fx_rates(time.time())
+        if publish_rates(kafka.bootstrap_servers, topics.prefix, fx, REPORTING_CURRENCY, 60.0):
+            raise RuntimeError(f"FX rates not acknowledged by Kafka on {topics.fx_rates.name}")
         log(f"published {len(fx)} FX rates ({', '.join(FX_RATES)}, {FX_DAYS + 1} days) to {topics.fx_rates.name}")
 
     partners = scratch / ("partners-payout-rules.toml" if rules else "partners.toml")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
-from postback.topics import Topics
-from schemas.codec import Codec
+from app.commands.fx import publish_rates
+from postback.fx import FxRate
 
 from .conftest import SECRET, Pipeline, click, raw_postback
 
@@ -45,10 +45,9 @@ on_cap = "hold"
 
 
 def _fx(pipeline: Pipeline, currency: str, day: str, rate: str) -> None:
-    record = {"date": day, "currency": currency, "rate": rate, "reporting_currency": "USD",
-              "loaded_at_ms": int(time.time() * 1000)}
-    pipeline.producer.produce(Topics(pipeline.topics.prefix).fx_rates.name, Codec.for_record("FxRate").encode(record),
-                              f"{currency}|{day}".encode())
+    """Publish one rate as `postback fx load` does."""
+    assert publish_rates(pipeline.kafka.bootstrap_servers, pipeline.topics.prefix,
+                         [FxRate(day, currency, Decimal(rate))], "USD") == 0
 
 
 def test_a_daily_cap_lets_exactly_n_through_across_workers_and_a_rebalance(pipeline: Pipeline, tmp_path) -> None:

@@ -16,10 +16,10 @@ from decimal import Decimal
 
 import pytest
 
-from app.commands.fx import backfill_envelopes, publish_backfill
+from app.commands.fx import backfill_envelopes, publish_backfill, publish_rates
+from postback.fx import FxRate
 from processors.handlers import BACKFILL, commission_key
 from processors.runtime.publish import decode_envelope, partition_for
-from schemas.codec import Codec
 
 from .conftest import SECRET, Pipeline, click, raw_postback
 
@@ -81,11 +81,8 @@ def test_a_conversion_waiting_for_a_rate_is_recomputed_after_the_rate_is_loaded(
     assert (first["fx_status"], first["payout_status"], first["payout_reason"]) == ("fx_missing", "hold", "fx_missing")
     assert first["revenue_reporting"] is None
 
-    rate = {"date": today, "currency": "GBP", "rate": "1.50", "reporting_currency": "USD",
-            "loaded_at_ms": int(time.time() * 1000)}
-    pipeline.producer.produce(pipeline.topics.fx_rates.name, Codec.for_record("FxRate").encode(rate),
-                              f"GBP|{today}".encode())
-    pipeline.flush()
+    assert publish_rates(pipeline.kafka.bootstrap_servers, pipeline.topics.prefix,
+                         [FxRate(today, "GBP", Decimal("1.50"))], "USD") == 0
 
     # The worker follows fx-rates in the background: until it has read the rate, a backfill
     # leaves the conversion as it is, so send it again (idempotent) until the record comes.
